@@ -1,0 +1,42 @@
+# Two commands for a fresh machine with python3 and make:
+#   make demo   set up and run the daemon (against the built-in simulated API when
+#               THOUSANDEYES_TOKEN is not set)
+#   make test   set up and run the whole test suite (what CI runs)
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo run test lint bench soak clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	@if [ -z "$$THOUSANDEYES_TOKEN" ]; then \
+	  echo "THOUSANDEYES_TOKEN is not set: running against the built-in simulated API"; \
+	  exec $(BIN)/te-scheduler --db sqlite:///demo-history.db run --simulate; \
+	else \
+	  exec $(BIN)/te-scheduler run; \
+	fi
+
+run: demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check scheduler tests bench migrations
+	$(BIN)/mypy scheduler
+
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+soak: $(STAMP)
+	$(BIN)/python -m bench --soak
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache demo-history.db*

@@ -1,0 +1,31 @@
+"""Alembic environment: migrates the connection that scheduler.db passes in config.attributes."""
+
+from __future__ import annotations
+
+from alembic import context
+
+from scheduler.history import metadata
+
+# No fileConfig here on purpose: te-scheduler configures logging itself.
+
+
+def run_migrations() -> None:
+    """Run the migrations (or autogenerate comparison) on the shared connection."""
+    connection = context.config.attributes.get("connection")
+    if context.is_offline_mode() or connection is None:
+        raise RuntimeError(
+            "te-scheduler migrations run through `te-scheduler db upgrade` (scheduler.db), "
+            "which passes a live connection; offline SQL generation is not supported"
+        )
+    context.configure(
+        connection=connection,
+        target_metadata=metadata,
+        # SQLite cannot ALTER most things; batch mode rebuilds the table instead.
+        render_as_batch=connection.dialect.name == "sqlite",
+        compare_type=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+run_migrations()

@@ -1,0 +1,432 @@
+"""The command line: parse, load the config, make one core call, map errors to exit codes.
+
+This is the only module that prints or exits. Exit codes: 0 success, 1 a job or check
+failed, 2 bad usage or bad config, 3 database unreachable or not migrated.
+"""
+
+from __future__ import annotations
+
+import difflib
+import secrets
+import sys
+import threading
+from dataclasses import replace
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from scheduler import __version__, clock, db, history, render
+from scheduler import config as config_mod
+from scheduler.config import Config
+from scheduler.errors import ConfigError, SchedulerError, UsageError
+from scheduler.logs import FORMATS as LOG_FORMATS
+from scheduler.logs import LEVELS, setup_logging
+
+OUTCOMES = ("pending", "success", "http_error", "rate_limited", "network_error", "timeout",
+            "interrupted", "skipped", "missed")
+HISTORY_COLUMNS = ("id", "run_id", "job", "test_id", "aid", "trigger", "scheduled_for",
+                   "attempt", "started_at", "finished_at", "status_code", "outcome", "error",
+                   "duration_ms", "instance")
+HISTORY_TABLE = ("started_at", "job", "test_id", "trigger", "attempt", "status_code",
+                 "outcome", "duration_ms", "error")
+STATS_COLUMNS = ("job", "test_id", "firings", "success_rate", "last_success", "last_failure",
+                 "p50_ms", "p95_ms", "rate_limited", "retries", "last_error")
+
+EPILOG = """\b
+Examples:
+  te-scheduler validate                     check ./jobs.yaml
+  te-scheduler plan --count 10              the next ten calls
+  te-scheduler run --simulate               the daemon against a built-in fake API
+  THOUSANDEYES_TOKEN=... te-scheduler run   the daemon for real
+  te-scheduler history --since 24h --outcome http_error
+  te-scheduler trigger dns-business-hours   run one job now
+
+Times (--since, --until, --from) are ISO-8601 (UTC unless an offset is given) or a
+duration back from now: 15m, 24h, 7d. Exit codes: 0 ok, 1 a job or check failed,
+2 bad usage or config, 3 database unreachable or not migrated.
+"""
+
+
+class State:
+    """What the global options say, handed to every command."""
+
+    def __init__(self, config: str, db_url: str | None, log_level: str | None,
+                 log_format: str, debug: bool) -> None:
+        self.config_path = Path(config)
+        self.db_url = db_url
+        self.log_level = log_level
+        self.log_format = log_format
+        self.debug = debug
+
+    def load(self) -> Config:
+        """The validated config, with ``--db`` applied."""
+        loaded = config_mod.load(self.config_path)
+        if self.db_url:
+            loaded = replace(loaded, history=replace(loaded.history, url=self.db_url))
+        return loaded
+
+    def engine(self, config: Config, *, migrate: bool = False) -> Any:
+        """The history database, migrated (``migrate``) or checked to be at head."""
+        engine = db.make_engine(config.history.url)
+        if migrate:
+            db.upgrade(engine)
+        else:
+            db.ensure_ready(engine)
+        return engine
+
+    def logging(self, default: str = "warning") -> None:
+        setup_logging(self.log_level or default, self.log_format)
+
+
+pass_state = click.make_pass_decorator(State)
+
+
+@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-c", "--config", default="jobs.yaml", show_default=True,
+              envvar="TE_SCHEDULER_CONFIG", help="The jobs file. Env: TE_SCHEDULER_CONFIG.")
+@click.option("--db", "db_url", envvar="TE_SCHEDULER_DB", metavar="URL",
+              help="SQLAlchemy URL of the history database; overrides history.url. "
+                   "Env: TE_SCHEDULER_DB.")
+@click.option("--log-level", type=click.Choice(LEVELS), default=None,
+              help="Default: info for run, warning otherwise.")
+@click.option("--log-format", type=click.Choice(LOG_FORMATS), default="text",
+              show_default=True, help="json: one object per line.")
+@click.option("--debug", is_flag=True, hidden=True, help="Show tracebacks.")
+@click.version_option(__version__, prog_name="te-scheduler")
+@click.pass_context
+def cli(ctx: click.Context, config: str, db_url: str | None, log_level: str | None,
+        log_format: str, debug: bool) -> None:
+    """Rerun ThousandEyes instant tests on your own schedules.
+
+    Jobs live in a YAML file (see `te-scheduler validate`); every HTTP attempt is recorded
+    in the `attempts` table of the history database.
+    """
+    ctx.obj = State(config, db_url, log_level, log_format, debug)
+
+
+@cli.command()
+@click.option("--simulate", is_flag=True,
+              help="Start the built-in simulated API on loopback and call it (no token needed).")
+@click.option("--watch", is_flag=True,
+              help="Also reload when the config file changes (SIGHUP always reloads).")
+@pass_state
+def run(state: State, simulate: bool, watch: bool) -> None:
+    """Run the daemon in the foreground until SIGTERM or SIGINT.
+
+    Applies pending database migrations first. SIGHUP re-reads the config; a bad config
+    is logged and the running schedule stays.
+    """
+    from scheduler.daemon import Daemon, connection_of
+    from scheduler.simulator import Simulator
+
+    state.logging("info")
+    config = state.load()
+    simulated = None
+    if simulate:
+        token = secrets.token_urlsafe(24)
+        sim = Simulator(token=token, instant_limit=config.api.rate_limit.count,
+                        window=config.api.rate_limit.period).start()
+        simulated = (sim.url, token)
+        click.echo(f"te-scheduler: calling the simulated API at {sim.url}", err=True)
+    connection_of(config, simulated)  # fail now (exit 2) when the token cannot be read
+    engine = state.engine(config, migrate=True)
+    code = Daemon(config, engine, simulated=simulated, watch=watch).run()
+    sys.exit(code)
+
+
+@cli.command()
+@pass_state
+def validate(state: State) -> None:
+    """Check the config; print one line per job, or every error as FILE:LINE:COL."""
+    from scheduler.planner import build_plan
+    from scheduler.triggers import build_trigger, describe
+
+    config = state.load()
+    now = clock.now()
+    rows = []
+    for job in config.jobs:
+        next_fire = build_trigger(job.schedule).get_next_fire_time(None, now)
+        rows.append({
+            "job": job.name,
+            "tests": ",".join(job.tests),
+            "schedule": describe(job.schedule),
+            "next": next_fire if job.enabled else "disabled",
+        })
+    click.echo(render.table(rows, ("job", "tests", "schedule", "next")))
+    for warning in build_plan(config, now).warnings:
+        click.echo(f"warning: {warning}", err=True)
+
+
+@cli.command()
+@click.option("--from", "start", metavar="T", help="Start (inclusive). Default: now.")
+@click.option("--until", metavar="T", help="End (exclusive). Default: 24 h after --from.")
+@click.option("--count", type=click.IntRange(min=1), help="Stop after N calls.")
+@click.option("--job", help="Only this job.")
+@click.option("--format", "fmt", type=click.Choice(("table", "json")), default="table",
+              show_default=True)
+@pass_state
+def plan(state: State, start: str | None, until: str | None, count: int | None,
+         job: str | None, fmt: str) -> None:
+    """Upcoming calls and whether they fit the API's rate limits.
+
+    \b
+    Examples:
+      te-scheduler plan --count 20
+      te-scheduler plan --from 2026-10-24T22:00Z --until 2026-10-25T04:00Z --job nightly
+    """
+    from scheduler.planner import build_plan
+
+    if until and count:
+        raise UsageError("--until and --count are exclusive; give one")
+    config = state.load()
+    now = clock.now()
+    begin = _when(start, now, "--from") if start else now
+    end = _when(until, now, "--until") if until else None
+    if job:
+        _require_job(config, job)
+    result = build_plan(config, begin, until=end, count=count, job=job)
+    if fmt == "json":
+        click.echo(render.json_text(result.to_json()))
+        return
+    rows = result.to_json()["firings"]
+    click.echo(render.table(rows, ("job", "test_id", "local", "utc", "scheduled_for")))
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
+
+
+@cli.command()
+@click.argument("job_name", metavar="JOB")
+@click.option("--test", "test_id", metavar="ID", help="Only this test of the job.")
+@pass_state
+def trigger(state: State, job_name: str, test_id: str | None) -> None:
+    """Run one job now, as the daemon would (limits, retries, history, trigger=manual).
+
+    Exit 0 when every test was accepted, 1 otherwise.
+    """
+    from scheduler.client import Caller
+    from scheduler.limiter import Limiter
+    from scheduler.runner import Firing, Runner
+
+    state.logging()
+    config = state.load()
+    job = _require_job(config, job_name)
+    tests = job.tests
+    if test_id:
+        if test_id not in job.tests:
+            raise UsageError(f"job {job.name!r} has no test {test_id!r}; it has "
+                             f"{', '.join(job.tests)}")
+        tests = (test_id,)
+    token = config_mod.load_token(config.api)
+    from scheduler.logs import add_secret
+
+    add_secret(token)
+    engine = state.engine(config, migrate=True)
+    stop = threading.Event()
+    caller = Caller(config.api, token)
+    runner = Runner(engine, caller.send, Limiter(config.api.rate_limit, stop), stop,
+                    concurrency=config.api.concurrency)
+    now = clock.now()
+    outcomes: dict[str, str] = {}
+
+    def fire(test: str) -> None:
+        outcomes[test] = runner.fire(Firing(job, test, now, "manual"))
+
+    threads = [threading.Thread(target=fire, args=(t,)) for t in tests]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    failed = {t: o for t, o in outcomes.items() if o != "success"}
+    for test, outcome in failed.items():
+        click.echo(f"te-scheduler: job {job.name!r} test {test}: {outcome}", err=True)
+    sys.exit(1 if failed or len(outcomes) != len(tests) else 0)
+
+
+@cli.command(name="history")
+@click.option("--job", help="Only this job.")
+@click.option("--test", "test_id", metavar="ID", help="Only this test id.")
+@click.option("--since", metavar="T", help="Started at or after T.")
+@click.option("--until", metavar="T", help="Started before T.")
+@click.option("--outcome", type=click.Choice(OUTCOMES), help="Only this outcome.")
+@click.option("--limit", type=click.IntRange(min=0), default=100, show_default=True,
+              help="At most N rows; 0 for all.")
+@click.option("--format", "fmt", type=click.Choice(render.FORMATS), default="table",
+              show_default=True)
+@pass_state
+def history_cmd(state: State, job: str | None, test_id: str | None, since: str | None,
+                until: str | None, outcome: str | None, limit: int, fmt: str) -> None:
+    """Attempts, newest first.
+
+    \b
+    Examples:
+      te-scheduler history --job dns-business-hours --since 7d
+      te-scheduler history --outcome rate_limited --format csv > 429s.csv
+    """
+    now = clock.now()
+    since_at = _when(since, now, "--since") if since else None
+    until_at = _when(until, now, "--until") if until else None
+    engine = state.engine(state.load())
+    rows = history.query(engine, job=job, test_id=test_id, since=since_at, until=until_at,
+                         outcome=outcome, limit=limit or None)
+    _emit(rows, fmt, HISTORY_TABLE, HISTORY_COLUMNS)
+
+
+@cli.command()
+@click.option("--since", metavar="T", default="30d", show_default=True,
+              help="Only attempts started at or after T.")
+@click.option("--format", "fmt", type=click.Choice(render.FORMATS), default="table",
+              show_default=True)
+@pass_state
+def stats(state: State, since: str, fmt: str) -> None:
+    """Per job and test: firings, success rate, last success and failure, p50/p95 duration."""
+    since_at = _when(since, clock.now(), "--since")
+    engine = state.engine(state.load())
+    rows = history.stats(engine, since=since_at)
+    _emit(rows, fmt, STATS_COLUMNS, STATS_COLUMNS)
+
+
+@cli.group(name="db")
+def db_group() -> None:
+    """Alembic migrations of the history database."""
+
+
+@db_group.command()
+@pass_state
+def upgrade(state: State) -> None:
+    """Migrate the history database to the newest schema (creates it if missing)."""
+    engine = db.make_engine(state.load().history.url)
+    db.upgrade(engine)
+
+
+@db_group.command()
+@pass_state
+def current(state: State) -> None:
+    """Print the database's schema revision (and whether it is the newest)."""
+    engine = db.make_engine(state.load().history.url)
+    revision = db.current(engine)
+    marker = "(head)" if revision == db.head() else f"(head is {db.head()})"
+    click.echo(f"{revision or 'empty'} {marker}")
+
+
+@db_group.command()
+@click.argument("revision")
+@pass_state
+def downgrade(state: State, revision: str) -> None:
+    """Migrate the history database down to REVISION ('base' removes every table)."""
+    engine = db.make_engine(state.load().history.url)
+    db.downgrade(engine, revision)
+
+
+@cli.command()
+@click.option("--older-than", "older_than", required=True, metavar="DURATION",
+              help="Delete attempts that started longer ago than this (90d, 12w).")
+@click.option("--dry-run", is_flag=True, help="Only say how many rows would be deleted.")
+@pass_state
+def prune(state: State, older_than: str, dry_run: bool) -> None:
+    """Delete old attempts (the daemon also does this daily from history.retention)."""
+    age = _duration(older_than, "--older-than")
+    engine = state.engine(state.load())
+    count = history.prune(engine, before=clock.now() - age, dry_run=dry_run)
+    click.echo(f"{count} row(s) {'would be ' if dry_run else ''}deleted")
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@click.option("--token", help="Accept only this bearer token (default: any).")
+@click.option("--org-limit", type=click.IntRange(min=1), default=240, show_default=True)
+@click.option("--instant-limit", type=click.IntRange(min=1), default=24, show_default=True)
+@click.option("--window", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
+              help="Seconds per rate-limit window.")
+@click.option("--fail-rate", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Fraction of calls answered 500/502.")
+@click.option("--latency", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Seconds before each answer.")
+def simulate(host: str, port: int, token: str | None, org_limit: int, instant_limit: int,
+             window: float, fail_rate: float, latency: float) -> None:
+    """Serve the simulated ThousandEyes API (POST /v7/tests/{id}/run) until Ctrl-C.
+
+    \b
+    Example:
+      te-scheduler simulate --port 8080 --instant-limit 5 --window 4
+      # then in jobs.yaml: api: {base_url: http://127.0.0.1:8080/v7}
+    """
+    from scheduler.simulator import Simulator
+
+    sim = Simulator(host=host, port=port, token=token, org_limit=org_limit,
+                    instant_limit=instant_limit, window=window, fail_rate=fail_rate,
+                    latency=latency).start()  # UsageError when the port is taken
+    click.echo(f"Simulated ThousandEyes API at {sim.url} (Ctrl-C stops)", err=True)
+    try:
+        sim.serve_forever()
+    finally:
+        sim.stop()
+
+
+# -- helpers ---------------------------------------------------------------------------
+def _emit(rows: list[dict[str, Any]], fmt: str, table_columns: tuple[str, ...],
+          all_columns: tuple[str, ...]) -> None:
+    if fmt == "json":
+        click.echo(render.json_text(rows))
+    elif fmt == "csv":
+        click.echo(render.csv_text(rows, all_columns))
+    elif rows:
+        click.echo(render.table(rows, table_columns))
+
+
+def _when(text: str, now: datetime, option: str) -> datetime:
+    try:
+        return config_mod.parse_when(text, now)
+    except ValueError as exc:
+        raise UsageError(f"{option}: {exc}") from None
+
+
+def _duration(text: str, option: str) -> timedelta:
+    try:
+        return config_mod.parse_duration(text)
+    except ValueError as exc:
+        raise UsageError(f"{option}: {exc}") from None
+
+
+def _require_job(config: Config, name: str) -> Any:
+    job = config.job(name)
+    if job is None:
+        names = [j.name for j in config.jobs]
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; jobs: {', '.join(names)}"
+        raise UsageError(f"no job named {name!r} in {config.path}{hint}")
+    return job
+
+
+def _fail(error: SchedulerError) -> NoReturn:
+    if isinstance(error, ConfigError):
+        for problem in error.problems:
+            click.echo(str(problem), err=True)
+    else:
+        click.echo(f"te-scheduler: error: {error}", err=True)
+    sys.exit(error.exit_code)
+
+
+def main() -> None:
+    """Console entry point: run the CLI and turn known errors into one line and an exit code."""
+    try:
+        cli.main(prog_name="te-scheduler", standalone_mode=False)
+    except SchedulerError as error:
+        _fail(error)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)
+    except Exception as error:  # a bug: one line, unless the user asked for the traceback
+        if "--debug" in sys.argv:
+            raise
+        click.echo(f"te-scheduler: internal error: {error!r} (rerun with --debug for the "
+                   "traceback, and please report it)", err=True)
+        sys.exit(1)

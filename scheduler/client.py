@@ -1,0 +1,285 @@
+"""The HTTP caller: one ``POST /tests/{testId}/run`` per :meth:`Caller.send`, failures as data.
+
+The request is exactly what SPEC section 1 describes (the official SDK's method, path, query,
+``Accept`` and bearer auth), with three deliberate differences from the SDK: no hidden retries
+(every HTTP attempt is the runner's to record), a timeout always set, and at most 64 KiB of any
+response body read.
+
+Transport choices, documented here because operators will ask:
+
+* ``timeout`` is passed to requests as ``(t, t)``: ``t`` to connect and ``t`` for each socket
+  read; the body read also stops once ``t`` has elapsed since the request started. A response
+  whose status line arrived keeps its status even if its body then stalls.
+* ``trust_env`` stays on, so ``HTTPS_PROXY``/``NO_PROXY`` and ``REQUESTS_CA_BUNDLE`` work as
+  with curl when ``api.proxy`` is null. An explicit ``api.proxy`` is passed with every request,
+  so it wins over the environment. ``~/.netrc`` can never replace the bearer token, because the
+  token is sent through a requests auth object (requests only consults netrc without one).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import quote, urlencode
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from scheduler import __version__, clock
+from scheduler.config import ApiConfig
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = f"te-scheduler/{__version__}"
+BODY_CAP = 64 * 1024  # bytes of a response body we read at most; the rest is never downloaded
+TEXT_CAP = 200  # characters of a non-JSON body kept in ``error``
+ERROR_CAP = 300  # characters of ``error`` at most
+BUCKETS = (
+    ("organization", "X-Organization-Rate-Limit"),
+    ("instant-test", "X-Instant-Test-Rate-Limit"),
+)
+
+
+@dataclass(frozen=True)
+class RateLimitBucket:
+    """One server-reported rate-limit bucket; a value is None when absent or unusable."""
+
+    name: str  # "organization" or "instant-test"
+    limit: int | None
+    remaining: int | None
+    reset: float | None  # Unix epoch seconds; kept as sent even when already in the past
+
+
+@dataclass(frozen=True)
+class CallResult:
+    """What one HTTP attempt produced, whether or not a response came."""
+
+    status_code: int | None
+    outcome: str  # success, http_error, rate_limited, network_error, timeout
+    error: str | None
+    duration_ms: int
+    buckets: tuple[RateLimitBucket, ...] = ()
+
+    @property
+    def is_retryable(self) -> bool:
+        """True for 5xx answers, network errors and timeouts (429 is the runner's own case)."""
+        if self.outcome in ("network_error", "timeout"):
+            return True
+        return self.status_code is not None and 500 <= self.status_code <= 599
+
+
+class _BearerAuth(requests.auth.AuthBase):
+    """Sets ``Authorization: Bearer``; being an auth object also stops requests reading netrc."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers["Authorization"] = f"Bearer {self._token}"
+        return request
+
+    def __repr__(self) -> str:
+        return "_BearerAuth(***)"
+
+
+def build_session(api: ApiConfig) -> requests.Session:
+    """A session pooled for ``api.concurrency`` calls, with no retries of its own."""
+    session = requests.Session()
+    size = max(1, api.concurrency)
+    adapter = HTTPAdapter(pool_connections=size, pool_maxsize=size, max_retries=0)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    session.verify = api.verify_tls
+    session.trust_env = True  # env proxies and CA bundles apply when api.proxy is null
+    if api.proxy:
+        session.proxies = {"http": api.proxy, "https": api.proxy}
+    session.headers.update({"Accept": "application/json", "User-Agent": USER_AGENT})
+    return session
+
+
+def run_url(base_url: str, test_id: str, aid: str | None) -> str:
+    """The run URL for ``test_id``, percent-encoded like the SDK (``quote(id, safe='')``)."""
+    url = f"{base_url.rstrip('/')}/tests/{quote(str(test_id), safe='')}/run"
+    if aid is not None and aid != "":
+        url += "?" + urlencode({"aid": aid})
+    return url
+
+
+class Caller:
+    """Sends run calls for one token; :meth:`send` never raises."""
+
+    def __init__(self, api: ApiConfig, token: str, session: requests.Session | None = None) -> None:
+        self._api = api
+        self._token = token
+        self._auth = _BearerAuth(token)
+        self._session = session if session is not None else build_session(api)
+        # Passed per request because requests lets environment proxies override session ones.
+        self._proxies = {"http": api.proxy, "https": api.proxy} if api.proxy else None
+
+    def send(self, test_id: str, aid: str | None) -> CallResult:
+        """POST the run call for ``test_id`` and describe what happened."""
+        started = clock.monotonic()
+        try:
+            return self._send(run_url(self._api.base_url, test_id, aid), started)
+        except Exception as exc:  # the runner's loop must survive anything, by contract
+            log.debug("Unexpected error calling test %s", test_id, exc_info=True)
+            return self._failure("network_error", exc, started)
+
+    def close(self) -> None:
+        """Close the pooled connections."""
+        self._session.close()
+
+    def _send(self, url: str, started: float) -> CallResult:
+        timeout = self._api.timeout
+        try:
+            response = self._session.post(
+                url,
+                data=None,
+                auth=self._auth,
+                timeout=(timeout, timeout),
+                stream=True,
+                allow_redirects=False,
+                proxies=self._proxies,
+            )
+        except requests.Timeout as exc:
+            return self._failure("timeout", exc, started)
+        except requests.RequestException as exc:
+            return self._failure("network_error", exc, started)
+        try:
+            body = _read_capped(response, started + timeout)
+        finally:
+            response.close()
+        return self._result(response, body, started)
+
+    def _result(self, response: requests.Response, body: bytes, started: float) -> CallResult:
+        code = response.status_code
+        outcome = _outcome(code)
+        error = None
+        if outcome != "success":
+            # Redact before anything is cut short, so no prefix of the token can survive.
+            text = body.decode(response.encoding or "utf-8", errors="replace") if body else ""
+            error = self._redact(_describe(response, self._redact(text)))
+        buckets = parse_buckets(response.headers)
+        return CallResult(code, outcome, error, _elapsed_ms(started), buckets)
+
+    def _failure(self, outcome: str, exc: BaseException, started: float) -> CallResult:
+        text = self._redact(f"{type(exc).__name__}: {_exception_reason(exc)}")
+        return CallResult(None, outcome, _truncate(text, ERROR_CAP), _elapsed_ms(started))
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._token, "***") if self._token else text
+
+
+def parse_buckets(headers: Mapping[str, str]) -> tuple[RateLimitBucket, ...]:
+    """The rate-limit buckets present in ``headers`` (a case-insensitive mapping)."""
+    buckets = []
+    for name, prefix in BUCKETS:
+        raw = [headers.get(f"{prefix}-{part}") for part in ("Limit", "Remaining", "Reset")]
+        if all(value is None for value in raw):
+            continue
+        reset = _parse_number(raw[2])
+        buckets.append(RateLimitBucket(name, _as_int(raw[0]), _as_int(raw[1]), reset))
+    return tuple(buckets)
+
+
+def _parse_number(value: str | None) -> float | None:
+    """A finite, non-negative number from a header value, else None."""
+    if value is None:
+        return None
+    try:
+        number = float(value.strip())
+    except ValueError:
+        return None
+    return number if math.isfinite(number) and number >= 0 else None
+
+
+def _as_int(value: str | None) -> int | None:
+    number = _parse_number(value)
+    return None if number is None else int(number)
+
+
+def _outcome(code: int) -> str:
+    if 200 <= code <= 299:
+        return "success"
+    return "rate_limited" if code == 429 else "http_error"
+
+
+def _read_capped(response: requests.Response, deadline: float) -> bytes:
+    """Up to BODY_CAP bytes of the body; a stalled or broken body just ends the read."""
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        for chunk in response.iter_content(chunk_size=8192):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size >= BODY_CAP or clock.monotonic() >= deadline:
+                break
+    except (requests.RequestException, OSError) as exc:
+        log.debug("Response body read stopped early: %s", type(exc).__name__)
+    return b"".join(chunks)[:BODY_CAP]
+
+
+def _describe(response: requests.Response, text: str) -> str:
+    """The short reason for a non-2xx answer, from its body text when it has a usable one."""
+    code = response.status_code
+    if 300 <= code <= 399:
+        location = response.headers.get("Location", "")
+        message = f"HTTP {code} {response.reason}: redirect to {location} not followed"
+        return _truncate(message, ERROR_CAP)
+    reason = _from_json(text) or _from_text(text)
+    return _truncate(reason or f"HTTP {code} {response.reason or ''}".strip(), ERROR_CAP)
+
+
+def _from_json(text: str) -> str | None:
+    """``error: error_description`` (401 shape) or ``title: detail`` (problem+json)."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    for first, second in (("error", "error_description"), ("title", "detail")):
+        parts = [str(data[key]).strip() for key in (first, second) if data.get(key)]
+        if parts:
+            return _squash(": ".join(parts))
+    return _squash(str(data["message"])) if data.get("message") else None
+
+
+_DROP_BLOCKS = re.compile(r"<(script|style)\b.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
+_TAGS = re.compile(r"<[^>]*>")
+
+
+def _from_text(text: str) -> str:
+    """The first characters of a non-JSON body, HTML tags and extra whitespace removed."""
+    text = _TAGS.sub(" ", _DROP_BLOCKS.sub(" ", text))
+    return _truncate(_squash(html.unescape(text)), TEXT_CAP)
+
+
+def _exception_reason(exc: BaseException) -> str:
+    """The innermost useful message: requests wraps urllib3's MaxRetryError around the cause."""
+    reason: object = exc
+    for _ in range(4):
+        inner = getattr(reason, "reason", None) or (
+            reason.args[0] if isinstance(reason, BaseException) and reason.args else None
+        )
+        if not isinstance(inner, BaseException):
+            break
+        reason = inner
+    return _squash(str(reason)) or type(reason).__name__
+
+
+def _squash(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _truncate(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
+def _elapsed_ms(started: float) -> int:
+    return max(0, round((clock.monotonic() - started) * 1000))

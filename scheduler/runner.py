@@ -1,0 +1,306 @@
+"""One firing of one test: claim it, pace, send, and write one history row per HTTP attempt.
+
+A firing is claimed by inserting attempt 1 as ``pending`` (the unique key makes that happen
+once, whichever instance gets there first); each later attempt gets its own row before its
+request leaves, so a crash always leaves evidence. Retries follow SPEC section 5: 5xx,
+network errors and timeouts back off exponentially with full jitter up to
+``retry.attempts``; a 429 waits for the limiter's pause and does not use up an attempt;
+other 4xx are final; nothing is retried past the firing's deadline (the job's next firing).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy.engine import Engine
+
+from scheduler import clock, history
+from scheduler.client import CallResult
+from scheduler.config import Job
+from scheduler.limiter import Limiter
+
+log = logging.getLogger(__name__)
+
+ONE_OFF_DEADLINE = timedelta(hours=1)
+_WRITE_RETRY_PAUSES = (0.2, 1.0, 3.0)
+_FAILED: Any = object()  # sentinel: a history write that failed after its retries
+
+
+def instance_name() -> str:
+    """This process's name in the ``instance`` column: ``host:pid``."""
+    import os
+
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class Firing:
+    """What to run: one test of one job for one slot."""
+
+    job: Job
+    test_id: str
+    scheduled_for: datetime
+    trigger: str = "schedule"  # schedule | manual | catch-up
+    deadline: datetime | None = None  # no attempt starts after this
+    offset: timedelta = timedelta(0)  # the test's spread offset within the slot
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.job.name, self.test_id)
+
+
+class Runner:
+    """Runs firings; shared by the daemon and ``te-scheduler trigger``."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        send: Callable[[str, str | None], CallResult],
+        limiter: Limiter,
+        stop: threading.Event,
+        *,
+        concurrency: int = 8,
+        instance: str | None = None,
+        observer: Callable[[Firing, int, CallResult, float], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.send = send
+        self.limiter = limiter
+        self.stop = stop
+        self.instance = instance or instance_name()
+        self.observer = observer
+        self._in_flight = threading.BoundedSemaphore(concurrency)
+        self._running: dict[tuple[str, str], str] = {}  # (job, test) -> run_id
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+
+    # -- public -----------------------------------------------------------------------
+    def fire(self, firing: Firing) -> str:
+        """Run one firing to its end and return its final outcome.
+
+        Returns ``claimed-elsewhere`` when another instance already owns the slot.
+        """
+        run_id = uuid.uuid4().hex
+        with self._lock:
+            previous = self._running.get(firing.key)
+            if previous is None:
+                self._running[firing.key] = run_id
+        if previous is not None:
+            return self._skip(firing, run_id, previous)
+        try:
+            return self._run(firing, run_id)
+        finally:
+            with self._lock:
+                del self._running[firing.key]
+                self._idle.notify_all()
+
+    def running(self) -> int:
+        """How many firings are in progress."""
+        with self._lock:
+            return len(self._running)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no firing runs (or the timeout passes); True when idle."""
+        deadline = clock.monotonic() + timeout
+        with self._lock:
+            while self._running:
+                left = deadline - clock.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(min(left, 0.5))
+        return True
+
+    # -- one firing -------------------------------------------------------------------
+    def _run(self, firing: Firing, run_id: str) -> str:
+        attempt, failures = 1, 0
+        key = self._key(firing, run_id, 1)
+        row_id = self._write(history.start_attempt, self.engine, key, clock.now())
+        if row_id is _FAILED:
+            log.error(
+                'Job "%s" test %s scheduled for %s not sent: its history row could not be written',
+                firing.job.name,
+                firing.test_id,
+                firing.scheduled_for.isoformat(),
+            )
+            return "not-recorded"
+        if row_id is None:
+            log.debug(
+                'Firing of job "%s" test %s at %s claimed by another instance',
+                firing.job.name,
+                firing.test_id,
+                firing.scheduled_for.isoformat(),
+            )
+            return "claimed-elsewhere"
+        while True:
+            result = self._attempt(firing, run_id, row_id, attempt)
+            if result is None:
+                return "interrupted"
+            if result.outcome == "success" or not self._should_retry(result, failures, firing):
+                return result.outcome
+            if result.status_code != 429:  # a 429 waits in the limiter, free of charge
+                failures += 1
+                if not self._back_off(firing, failures):
+                    return result.outcome
+            attempt += 1
+            row_id = self._start_retry(firing, run_id, attempt)
+            if row_id is None:
+                return result.outcome
+
+    def _attempt(self, firing: Firing, run_id: str, row_id: int, attempt: int) -> CallResult | None:
+        permit = self.limiter.acquire(firing.scheduled_for)
+        if permit is None:
+            self._finish(row_id, "interrupted", None, "shut down before the call was sent")
+            return None
+        lag = clock.epoch() - (firing.scheduled_for + firing.offset).timestamp()
+        result = None
+        try:
+            with self._in_flight:
+                result = self.send(firing.test_id, firing.job.aid)
+        finally:
+            self.limiter.complete(permit, result)
+        assert result is not None
+        self._log_attempt(firing, run_id, attempt, result, lag)
+        self._finish(row_id, result.outcome, result.status_code, result.error, result.duration_ms)
+        if self.observer:
+            self.observer(firing, attempt, result, lag)
+        return result
+
+    def _should_retry(self, result: CallResult, failures: int, firing: Firing) -> bool:
+        if self.stop.is_set():
+            return False
+        if result.status_code == 429:
+            return self._before_deadline(firing, self.limiter.paused_until())
+        return result.is_retryable and failures + 1 < firing.job.retry.attempts
+
+    def _back_off(self, firing: Firing, failures: int) -> bool:
+        """Sleep before the next attempt (full jitter); False when shutdown or deadline wins."""
+        policy = firing.job.retry
+        ceiling = min(policy.max_backoff, policy.backoff * 2 ** (failures - 1))
+        delay = random.uniform(0, ceiling)
+        if not self._before_deadline(firing, clock.epoch() + delay):
+            return False
+        return not clock.wait(self.stop, delay)
+
+    def _before_deadline(self, firing: Firing, epoch: float) -> bool:
+        deadline = firing.deadline or firing.scheduled_for + ONE_OFF_DEADLINE
+        return epoch < deadline.timestamp()
+
+    def _start_retry(self, firing: Firing, run_id: str, attempt: int) -> int | None:
+        key = self._key(firing, run_id, attempt)
+        row_id = self._write(history.start_attempt, self.engine, key, clock.now())
+        if row_id is _FAILED:
+            return None
+        if row_id is None:
+            log.warning(
+                'Attempt %d of job "%s" test %s already recorded; not retrying',
+                attempt,
+                firing.job.name,
+                firing.test_id,
+            )
+        return row_id
+
+    def _skip(self, firing: Firing, run_id: str, previous: str) -> str:
+        reason = f"previous firing (run {previous[:8]}) of this test still running"
+        self._write(
+            history.record_attempt,
+            self.engine,
+            self._key(firing, run_id, 1),
+            started_at=clock.now(),
+            finished_at=clock.now(),
+            outcome="skipped",
+            error=reason,
+        )
+        log.warning(
+            'Skipped job "%s" test %s scheduled for %s: %s',
+            firing.job.name,
+            firing.test_id,
+            firing.scheduled_for.isoformat(),
+            reason,
+        )
+        return "skipped"
+
+    # -- helpers ----------------------------------------------------------------------
+    def _key(self, firing: Firing, run_id: str, attempt: int) -> history.AttemptKey:
+        return history.AttemptKey(
+            run_id=run_id,
+            job=firing.job.name,
+            test_id=firing.test_id,
+            aid=firing.job.aid,
+            trigger=firing.trigger,
+            scheduled_for=firing.scheduled_for,
+            attempt=attempt,
+            instance=self.instance,
+        )
+
+    def _finish(
+        self,
+        row_id: int,
+        outcome: str,
+        status: int | None,
+        error: str | None,
+        duration_ms: int | None = None,
+    ) -> None:
+        self._write(
+            history.finish_attempt,
+            self.engine,
+            row_id,
+            finished_at=clock.now(),
+            outcome=outcome,
+            status_code=status,
+            error=error,
+            duration_ms=duration_ms,
+        )
+
+    def _write(self, write: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """A history write, retried briefly; on failure logged loudly and ``_FAILED`` returned.
+
+        The attempt's facts are already in the log line, so a database outage loses no facts
+        and never takes the daemon down.
+        """
+        for pause in (*_WRITE_RETRY_PAUSES, None):
+            try:
+                return write(*args, **kwargs)
+            except Exception as exc:  # a database that fails must not kill the daemon
+                if pause is None:
+                    log.error("History write %s failed for good: %s", write.__name__, exc)
+                    return _FAILED
+                log.warning("History write %s failed (%s); retrying", write.__name__, exc)
+                clock.wait(threading.Event(), pause)
+        return _FAILED  # pragma: no cover - the loop always returns
+
+    def _log_attempt(
+        self, firing: Firing, run_id: str, attempt: int, result: CallResult, lag: float
+    ) -> None:
+        level = logging.INFO if result.outcome == "success" else logging.WARNING
+        log.log(
+            level,
+            'job="%s" test=%s attempt=%d status=%s outcome=%s duration_ms=%d lag_s=%.3f%s',
+            firing.job.name,
+            firing.test_id,
+            attempt,
+            result.status_code if result.status_code is not None else "-",
+            result.outcome,
+            result.duration_ms,
+            lag,
+            f' error="{result.error}"' if result.error else "",
+            extra={
+                "run_id": run_id,
+                "job": firing.job.name,
+                "test": firing.test_id,
+                "attempt": attempt,
+                "status": result.status_code,
+                "outcome": result.outcome,
+                "duration_ms": result.duration_ms,
+                "lag_s": round(lag, 3),
+                "trigger": firing.trigger,
+                "scheduled_for": firing.scheduled_for.isoformat(),
+            },
+        )

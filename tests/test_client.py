@@ -1,0 +1,421 @@
+"""The caller against real loopback servers: the exact request, and every answer as data."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from scheduler import __version__, clock
+from scheduler.client import (
+    Caller,
+    CallResult,
+    RateLimitBucket,
+    build_session,
+    parse_buckets,
+    run_url,
+)
+from scheduler.config import ApiConfig
+from scheduler.simulator import Simulator
+
+TOKEN = "tok-8f1c2d9e0a"
+START = datetime(2026, 1, 1, tzinfo=timezone.utc)  # 1767225600
+
+
+@pytest.fixture
+def fake_clock() -> Iterator[clock.FakeClock]:
+    fake = clock.FakeClock(START)
+    previous = clock.set_clock(fake)
+    yield fake
+    clock.set_clock(previous)
+
+
+@pytest.fixture
+def sim() -> Iterator[Simulator]:
+    simulator = Simulator(token=TOKEN).start()
+    yield simulator
+    simulator.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_env_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loopback tests must not be sent through a proxy the CI machine happens to set."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+
+
+def make_caller(base_url: str, token: str = TOKEN, **api: Any) -> Caller:
+    api.setdefault("timeout", 5.0)
+    return Caller(ApiConfig(base_url=base_url, **api), token)
+
+
+def send(base_url: str, test_id: str = "105", aid: str | None = None, **api: Any) -> CallResult:
+    caller = make_caller(base_url, **api)
+    try:
+        return caller.send(test_id, aid)
+    finally:
+        caller.close()
+
+
+class ScriptedServer:
+    """A tiny stdlib server whose handler function writes the raw answer itself."""
+
+    def __init__(self, handle: Any) -> None:
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                handle(self, outer)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.release = threading.Event()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.server.handle_error = lambda *args: None  # type: ignore[method-assign]
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v7"
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# -- the request -------------------------------------------------------------------------------
+
+# What thousandeyes-sdk-instant-tests 6.0.0 sends for run_instant_test("105", aid="1234")
+# (shared/reference/thousandeyes-api.md, section 1): te-scheduler must send the same.
+SDK_REQUEST = {
+    "method": "POST",
+    "path": "/v7/tests/105/run",
+    "query": {"aid": ["1234"]},
+    "Accept": "application/json",
+    "Authorization": f"Bearer {TOKEN}",
+}
+
+
+def test_request_is_exactly_spec_section_1(sim: Simulator) -> None:
+    result = send(sim.url, "105", "1234")
+    assert result.outcome == "success"
+    [got] = sim.requests
+    assert {
+        "method": got.method,
+        "path": got.path,
+        "query": got.query,
+        "Accept": got.header("Accept"),
+        "Authorization": got.header("Authorization"),
+    } == SDK_REQUEST
+    assert got.header("User-Agent") == f"te-scheduler/{__version__}"
+    assert got.header("Content-Length") == "0"
+    assert got.header("Content-Type") is None
+    assert got.header("Transfer-Encoding") is None
+    assert got.body == b""
+
+
+def test_no_aid_means_no_query(sim: Simulator) -> None:
+    send(sim.url, "105", None)
+    assert sim.requests[0].query == {}
+
+
+def test_run_url_percent_encodes_like_the_sdk() -> None:
+    assert run_url("https://api.example/v7", "105", None) == "https://api.example/v7/tests/105/run"
+    assert run_url("https://api.example/v7/", "105", "1234") == (
+        "https://api.example/v7/tests/105/run?aid=1234"
+    )
+    assert run_url("https://api.example/v7", "a/b c", None) == (
+        "https://api.example/v7/tests/a%2Fb%20c/run"
+    )
+    assert run_url("https://api.example/v7", "?#&", "1 2") == (
+        "https://api.example/v7/tests/%3F%23%26/run?aid=1+2"
+    )
+
+
+def test_odd_id_reaches_the_server_as_one_encoded_segment(sim: Simulator) -> None:
+    result = send(sim.url, "a/b c")
+    assert sim.requests[0].path == "/v7/tests/a%2Fb%20c/run"
+    assert (result.status_code, result.outcome) == (404, "http_error")
+    assert result.error == "URI Resource Not Found: No test with id 'a/b c'"
+
+
+def test_netrc_cannot_replace_the_bearer_token(
+    sim: Simulator, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login someone password secret\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert send(sim.url).outcome == "success"
+    assert sim.requests[0].header("Authorization") == f"Bearer {TOKEN}"
+
+
+# -- answers -----------------------------------------------------------------------------------
+
+
+def test_200_reports_both_buckets(sim: Simulator, fake_clock: clock.FakeClock) -> None:
+    result = send(sim.url)
+    assert (result.status_code, result.outcome, result.error) == (200, "success", None)
+    assert result.buckets == (
+        RateLimitBucket("organization", 240, 239, 1767225660.0),
+        RateLimitBucket("instant-test", 24, 23, 1767225660.0),
+    )
+    assert not result.is_retryable
+    assert 0 <= result.duration_ms < 5000
+
+
+def test_401_reads_the_oauth_error_shape(sim: Simulator) -> None:
+    result = make_caller(sim.url, token="wrong-token").send("105", None)
+    assert (result.status_code, result.outcome) == (401, "http_error")
+    assert result.error == "invalid_token: Invalid access token"
+    assert not result.is_retryable
+
+
+@pytest.mark.parametrize(
+    ("status", "title", "retryable"),
+    [
+        (403, "Forbidden", False),
+        (404, "Not Found", False),
+        (500, "Internal Server Error", True),
+        (502, "Bad Gateway", True),
+    ],
+)
+def test_problem_json_becomes_title_and_detail(
+    sim: Simulator, status: int, title: str, retryable: bool
+) -> None:
+    body = {"type": "about:blank", "title": title, "status": status, "detail": "Went  wrong"}
+    sim.add_rule("105", status, json.dumps(body))
+    result = send(sim.url)
+    assert (result.status_code, result.outcome) == (status, "http_error")
+    assert result.error == f"{title}: Went wrong"
+    assert result.is_retryable is retryable
+
+
+def test_429_is_rate_limited_with_headers(sim: Simulator) -> None:
+    headers = {
+        "X-Organization-Rate-Limit-Limit": "240",
+        "X-Organization-Rate-Limit-Remaining": "17",
+        "X-Organization-Rate-Limit-Reset": "1767225660",
+        "X-Instant-Test-Rate-Limit-Limit": "24",
+        "X-Instant-Test-Rate-Limit-Remaining": "0",
+        "X-Instant-Test-Rate-Limit-Reset": "1767225690",
+    }
+    body = '{"title": "Too Many Requests", "detail": "Exhausted rate limit for the organization"}'
+    sim.add_rule("105", 429, body, headers)
+    result = send(sim.url)
+    assert (result.status_code, result.outcome) == (429, "rate_limited")
+    assert result.error == "Too Many Requests: Exhausted rate limit for the organization"
+    assert result.buckets == (
+        RateLimitBucket("organization", 240, 17, 1767225660.0),
+        RateLimitBucket("instant-test", 24, 0, 1767225690.0),
+    )
+    assert not result.is_retryable  # the runner waits for Reset instead
+
+
+def test_html_error_page_is_reduced_to_text(sim: Simulator) -> None:
+    page = (
+        "<html><head><title>502 Bad Gateway</title><style>body {color: red}</style></head>"
+        "<body>\n  <h1>502   Bad Gateway</h1>\n<hr><center>nginx &amp; friends</center>"
+        + "<p>filler</p>" * 100
+        + "</body></html>"
+    )
+    sim.add_rule("105", 502, page, {"Content-Type": "text/html"})
+    result = send(sim.url)
+    assert (result.status_code, result.outcome, result.is_retryable) == (502, "http_error", True)
+    assert result.error is not None
+    assert result.error.startswith("502 Bad Gateway 502 Bad Gateway nginx & friends filler")
+    assert "<" not in result.error and "color" not in result.error
+    assert len(result.error) <= 200
+
+
+def test_invalid_json_is_quoted_as_text(sim: Simulator) -> None:
+    sim.add_rule("105", 500, '{"title": "Oops', {"Content-Type": "application/problem+json"})
+    result = send(sim.url)
+    assert result.error == '{"title": "Oops'
+
+
+def test_empty_error_body_gives_the_status_line(sim: Simulator) -> None:
+    sim.add_rule("105", 503)
+    assert send(sim.url).error == "HTTP 503 Service Unavailable"
+
+
+def test_redirect_is_not_followed(sim: Simulator) -> None:
+    sim.add_rule("105", 302, headers={"Location": "http://elsewhere.invalid/v7/tests/105/run"})
+    result = send(sim.url)
+    assert (result.status_code, result.outcome) == (302, "http_error")
+    assert result.error == (
+        "HTTP 302 Found: redirect to http://elsewhere.invalid/v7/tests/105/run not followed"
+    )
+    assert len(sim.requests) == 1
+
+
+def test_ten_megabyte_body_is_read_capped(sim: Simulator) -> None:
+    sim.add_rule("105", 500, b"x" * 10_000_000, {"Content-Type": "text/plain"})
+    started = time.monotonic()
+    result = send(sim.url)
+    assert time.monotonic() - started < 2.0
+    assert result.status_code == 500
+    assert result.error == "x" * 197 + "..."
+
+
+def test_body_beyond_the_cap_is_never_waited_for() -> None:
+    def huge_then_stall(handler: BaseHTTPRequestHandler, server: ScriptedServer) -> None:
+        handler.send_response(500)
+        handler.send_header("Content-Length", str(10_000_000))
+        handler.end_headers()
+        handler.wfile.write(b"y" * 100_000)  # then nothing more until the test ends
+        handler.wfile.flush()
+        server.release.wait(10)
+
+    server = ScriptedServer(huge_then_stall)
+    try:
+        started = time.monotonic()
+        result = send(server.url, timeout=5.0)
+        elapsed = time.monotonic() - started
+    finally:
+        server.close()
+    assert (result.status_code, result.outcome) == (500, "http_error")
+    assert elapsed < 2.0  # reading the whole body would stall until the 5 s read timeout
+
+
+def test_bad_reset_headers_become_none(sim: Simulator) -> None:
+    headers = {
+        "X-Organization-Rate-Limit-Limit": "abc",
+        "X-Organization-Rate-Limit-Remaining": "",
+        "X-Organization-Rate-Limit-Reset": "abc",
+        "X-Instant-Test-Rate-Limit-Reset": "1000",  # long past: kept, the runner waits 0
+    }
+    sim.add_rule("105", 200, headers=headers)
+    result = send(sim.url)
+    assert result.buckets == (
+        RateLimitBucket("organization", None, None, None),
+        RateLimitBucket("instant-test", None, None, 1000.0),
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "number"),
+    [
+        ("1700000000", 1700000000.0),
+        ("1700000000.0", 1700000000.0),
+        (" 1700000000 ", 1700000000.0),
+        ("-5", None),
+        ("", None),
+        ("abc", None),
+        ("nan", None),
+        ("inf", None),
+    ],
+)
+def test_parse_buckets_is_robust(raw: str, number: float | None) -> None:
+    headers = {
+        "X-Instant-Test-Rate-Limit-Limit": raw,
+        "X-Instant-Test-Rate-Limit-Remaining": raw,
+        "X-Instant-Test-Rate-Limit-Reset": raw,
+    }
+    expected_int = None if number is None else int(number)
+    assert parse_buckets(headers) == (
+        RateLimitBucket("instant-test", expected_int, expected_int, number),
+    )
+
+
+def test_no_rate_limit_headers_no_buckets() -> None:
+    assert parse_buckets({"Content-Length": "0"}) == ()
+
+
+# -- failures without a response ---------------------------------------------------------------
+
+
+def test_slow_server_is_a_timeout(sim: Simulator) -> None:
+    sim.add_rule("105", 200, delay=3.0)
+    result = send(sim.url, timeout=0.3)
+    assert (result.status_code, result.outcome, result.buckets) == (None, "timeout", ())
+    assert result.error is not None and result.error.startswith("ReadTimeout: ")
+    assert 250 <= result.duration_ms < 2000
+    assert result.is_retryable
+
+
+def test_refused_connection_is_a_network_error() -> None:
+    with socket.socket() as placeholder:
+        placeholder.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        port = placeholder.getsockname()[1]
+        result = send(f"http://127.0.0.1:{port}/v7")
+    assert (result.status_code, result.outcome) == (None, "network_error")
+    assert result.error is not None and result.error.startswith("ConnectionError: ")
+    assert "Connection refused" in result.error
+    assert result.is_retryable
+
+
+def test_non_requests_exception_is_data_not_a_crash(sim: Simulator) -> None:
+    token = "tok-\u20ac-secret"  # http.client cannot encode it: UnicodeEncodeError, not requests'
+    result = make_caller(sim.url, token=token).send("105", None)
+    assert (result.status_code, result.outcome) == (None, "network_error")
+    assert result.error is not None and result.error.startswith("UnicodeEncodeError: ")
+    assert token not in result.error
+
+
+def test_token_echoed_by_the_server_is_redacted() -> None:
+    def echo(handler: BaseHTTPRequestHandler, server: ScriptedServer) -> None:
+        said = handler.headers.get("Authorization", "")
+        body = json.dumps({"title": "Bad Request", "detail": f"rejected header {said}"}).encode()
+        handler.send_response(400)
+        handler.send_header("Content-Type", "application/problem+json")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    server = ScriptedServer(echo)
+    try:
+        result = send(server.url)
+    finally:
+        server.close()
+    assert result.error == "Bad Request: rejected header Bearer ***"
+
+
+# -- the session -------------------------------------------------------------------------------
+
+
+def test_build_session_pools_without_retries() -> None:
+    api = ApiConfig(concurrency=3, verify_tls=False, proxy="http://proxy.invalid:3128")
+    session = build_session(api)
+    adapter = session.get_adapter("https://api.thousandeyes.com/v7")
+    assert adapter.max_retries.total == 0  # type: ignore[attr-defined]
+    assert adapter.poolmanager.connection_pool_kw["maxsize"] == 3  # type: ignore[attr-defined]
+    assert session.verify is False
+    assert session.proxies == {"http": api.proxy, "https": api.proxy}
+    assert session.headers["Accept"] == "application/json"
+    assert session.headers["User-Agent"] == f"te-scheduler/{__version__}"
+    session.close()
+
+
+def test_server_error_is_not_retried_by_the_transport(sim: Simulator) -> None:
+    sim.add_rule("105", 502, times=None)
+    assert send(sim.url).status_code == 502
+    assert len(sim.requests) == 1
+
+
+def test_environment_proxy_applies_when_none_configured(
+    sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HTTP_PROXY", sim.url.removesuffix("/v7"))  # the simulator plays proxy
+    result = send("http://api.te.invalid/v7")
+    assert result.outcome == "success"
+    assert sim.requests[0].header("Host") == "api.te.invalid"
+
+
+def test_configured_proxy_wins_over_the_environment(
+    sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # nothing there
+    result = send("http://api.te.invalid/v7", proxy=sim.url.removesuffix("/v7"))
+    assert result.outcome == "success"
+    assert sim.requests[0].header("Host") == "api.te.invalid"
