@@ -17,15 +17,14 @@ from typing import Any, NoReturn
 
 import click
 
-from scheduler import __version__, clock, db, history, render
+from scheduler import __version__, clock, render
 from scheduler import config as config_mod
 from scheduler.config import Config
 from scheduler.errors import ConfigError, SchedulerError, UsageError
 from scheduler.logs import FORMATS as LOG_FORMATS
 from scheduler.logs import LEVELS, setup_logging
+from scheduler.outcomes import OUTCOMES
 
-OUTCOMES = ("pending", "success", "http_error", "rate_limited", "network_error", "timeout",
-            "interrupted", "skipped", "missed")
 HISTORY_COLUMNS = ("id", "run_id", "job", "test_id", "aid", "trigger", "scheduled_for",
                    "attempt", "started_at", "finished_at", "status_code", "outcome", "error",
                    "duration_ms", "instance")
@@ -69,6 +68,8 @@ class State:
 
     def engine(self, config: Config, *, migrate: bool = False) -> Any:
         """The history database, migrated (``migrate``) or checked to be at head."""
+        from scheduler import db
+
         engine = db.make_engine(config.history.url)
         if migrate:
             db.upgrade(engine)
@@ -150,7 +151,7 @@ def validate(state: State) -> None:
         next_fire = build_trigger(job.schedule).get_next_fire_time(None, now)
         rows.append({
             "job": job.name,
-            "tests": ",".join(job.tests),
+            "tests": _short_list(job.tests),
             "schedule": describe(job.schedule),
             "next": next_fire if job.enabled else "disabled",
         })
@@ -176,7 +177,7 @@ def plan(state: State, start: str | None, until: str | None, count: int | None,
       te-scheduler plan --count 20
       te-scheduler plan --from 2026-10-24T22:00Z --until 2026-10-25T04:00Z --job nightly
     """
-    from scheduler.planner import build_plan
+    from scheduler.planner import build_plan, format_rate, peak_calls
 
     if until and count:
         raise UsageError("--until and --count are exclusive; give one")
@@ -190,8 +191,17 @@ def plan(state: State, start: str | None, until: str | None, count: int | None,
     if fmt == "json":
         click.echo(render.json_text(result.to_json()))
         return
-    rows = result.to_json()["firings"]
-    click.echo(render.table(rows, ("job", "test_id", "local", "utc", "scheduled_for")))
+    rows = [
+        {"job": c.job, "test": c.test_id, "local": render.local_time(c.at, c.timezone),
+         "utc": c.at, "slot": c.scheduled_for}
+        for c in result.calls
+    ]
+    click.echo(render.table(rows, ("job", "test", "local", "utc", "slot")))
+    budget = config.api.rate_limit
+    peak, at = peak_calls([c.at for c in result.calls], budget.period)
+    if peak:
+        click.echo(f"peak: {peak} call(s) in one {format_rate(budget).split('/')[1]} window "
+                   f"(from {render.cell(at)}); budget {format_rate(budget)}")
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
 
@@ -264,6 +274,8 @@ def history_cmd(state: State, job: str | None, test_id: str | None, since: str |
       te-scheduler history --job dns-business-hours --since 7d
       te-scheduler history --outcome rate_limited --format csv > 429s.csv
     """
+    from scheduler import history
+
     now = clock.now()
     since_at = _when(since, now, "--since") if since else None
     until_at = _when(until, now, "--until") if until else None
@@ -281,6 +293,8 @@ def history_cmd(state: State, job: str | None, test_id: str | None, since: str |
 @pass_state
 def stats(state: State, since: str, fmt: str) -> None:
     """Per job and test: firings, success rate, last success and failure, p50/p95 duration."""
+    from scheduler import history
+
     since_at = _when(since, clock.now(), "--since")
     engine = state.engine(state.load())
     rows = history.stats(engine, since=since_at)
@@ -296,6 +310,8 @@ def db_group() -> None:
 @pass_state
 def upgrade(state: State) -> None:
     """Migrate the history database to the newest schema (creates it if missing)."""
+    from scheduler import db
+
     engine = db.make_engine(state.load().history.url)
     db.upgrade(engine)
 
@@ -304,6 +320,8 @@ def upgrade(state: State) -> None:
 @pass_state
 def current(state: State) -> None:
     """Print the database's schema revision (and whether it is the newest)."""
+    from scheduler import db
+
     engine = db.make_engine(state.load().history.url)
     revision = db.current(engine)
     marker = "(head)" if revision == db.head() else f"(head is {db.head()})"
@@ -315,6 +333,8 @@ def current(state: State) -> None:
 @pass_state
 def downgrade(state: State, revision: str) -> None:
     """Migrate the history database down to REVISION ('base' removes every table)."""
+    from scheduler import db
+
     engine = db.make_engine(state.load().history.url)
     db.downgrade(engine, revision)
 
@@ -326,6 +346,8 @@ def downgrade(state: State, revision: str) -> None:
 @pass_state
 def prune(state: State, older_than: str, dry_run: bool) -> None:
     """Delete old attempts (the daemon also does this daily from history.retention)."""
+    from scheduler import history
+
     age = _duration(older_than, "--older-than")
     engine = state.engine(state.load())
     count = history.prune(engine, before=clock.now() - age, dry_run=dry_run)
@@ -374,6 +396,12 @@ def _emit(rows: list[dict[str, Any]], fmt: str, table_columns: tuple[str, ...],
         click.echo(render.csv_text(rows, all_columns))
     elif rows:
         click.echo(render.table(rows, table_columns))
+
+
+def _short_list(items: tuple[str, ...], most: int = 4) -> str:
+    if len(items) <= most:
+        return ",".join(items)
+    return f"{','.join(items[:most - 1])},... ({len(items)} tests)"
 
 
 def _when(text: str, now: datetime, option: str) -> datetime:

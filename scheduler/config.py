@@ -172,13 +172,18 @@ def parse_when(text: str, now: datetime) -> datetime:
     except OverflowError:
         raise ValueError(f"{_describe(text)}: reaches back before the year 1") from None
     try:
-        moment = _iso_time(text)
+        moment = _iso_time(text) if isinstance(text, str) else None
     except _Invalid:
+        moment = None
+    if moment is None:
         raise ValueError(
             f"{_describe(text)} is not a time: use an ISO-8601 time like 2026-01-31T08:00:00Z "
             "or a duration back from now like 15m, 24h, 7d"
-        ) from None
-    return _aware(moment, timezone.utc)
+        )
+    try:
+        return _aware(moment, timezone.utc)
+    except _Invalid as exc:
+        raise ValueError(f"{_describe(text)}: {exc}") from None
 
 
 def _duration(text: object) -> timedelta:
@@ -328,6 +333,9 @@ Where = tuple[int, int]
 _Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: 15x faster, same rules
 _INT_TAG = "tag:yaml.org,2002:int"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+_STR_TAG = "tag:yaml.org,2002:str"
+_SCALAR_TAGS = {f"tag:yaml.org,2002:{name}" for name in (
+    "null", "bool", "int", "float", "str", "timestamp", "binary")}
 _PLAIN_TAGS = (None, "!", "tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
 _CANONICAL_INT = re.compile(r"[-+]?(0|[1-9][0-9]*)")
 _NO_KEY, _BAD_KEY, _MERGE, _UNREADABLE = object(), object(), object(), object()
@@ -429,23 +437,24 @@ class _Builder:
         self.loader, self.doc = loader, doc
         self.stack: list[_Frame] = []
         self.anchors: dict[str, tuple[Any, int]] = {}
+        self.plain: dict[str, Any] = {}
         self.nodes = 0
         self.documents = 0
 
     def feed(self, event: yaml.Event) -> None:
-        if isinstance(event, yaml.DocumentStartEvent):
-            self.documents += 1
-            if self.documents > 1:
-                raise _Stop(_where(event.start_mark),
-                            "only one YAML document is allowed; remove the second '---'")
-        elif isinstance(event, yaml.AliasEvent):
-            self._alias(event)
-        elif isinstance(event, yaml.ScalarEvent):
+        if isinstance(event, yaml.ScalarEvent):
             self._scalar(event)
         elif isinstance(event, yaml.CollectionStartEvent):
             self._open(event)
         elif isinstance(event, yaml.CollectionEndEvent):
             self._close()
+        elif isinstance(event, yaml.AliasEvent):
+            self._alias(event)
+        elif isinstance(event, yaml.DocumentStartEvent):
+            self.documents += 1
+            if self.documents > 1:
+                raise _Stop(_where(event.start_mark),
+                            "only one YAML document is allowed; remove the second '---'")
 
     def _count(self, nodes: int, where: Where) -> None:
         self.nodes += nodes
@@ -463,42 +472,52 @@ class _Builder:
             why = "refers to a collection that contains it" if inside else "is not defined above"
             self._problem(where, self._child_path(), f"alias *{name[:40]} {why}")
             self.doc.unreadable.add(self._child_path())
-            self._add(_UNREADABLE, where)
+            self._add(_UNREADABLE, where, self._child_path())
             return
         value, size = self.anchors[name]
         self._count(size, where)  # what expansion would cost, without expanding anything
-        self._add(value, where)
+        self._add(value, where, self._child_path())
 
-    def _scalar(self, event: yaml.ScalarEvent) -> None:
-        where = _where(event.start_mark)
+    def _scalar(self, event: Any) -> None:
+        mark = event.start_mark
+        where = (mark.line + 1, mark.column + 1)
         self._count(1, where)
-        tag = event.tag
-        if tag in (None, "!"):
-            tag = self.loader.resolve(yaml.ScalarNode, event.value, event.implicit)
-            if tag == _MERGE_TAG and self._at_key():
-                self.stack[-1].key = _MERGE
-                return
-            if tag == _INT_TAG and not _CANONICAL_INT.fullmatch(event.value):
-                # YAML 1.1 reads 0105 as octal 69 and 1:30 as 90; keep such text as written.
-                tag = "tag:yaml.org,2002:str"
-        value = self._construct(tag, event, where)
+        path = self._child_path()
+        tag, text = event.tag, event.value
+        if tag is None or tag == "!":
+            if not event.implicit[0]:  # quoted: always text
+                value = text
+            elif text in self.plain:  # resolving is most of the cost; configs repeat values
+                value = self.plain[text]
+            else:
+                tag = self.loader.resolve(yaml.ScalarNode, text, event.implicit)
+                if tag == _MERGE_TAG and self._at_key():
+                    self.stack[-1].key = _MERGE
+                    return
+                if tag == _INT_TAG and not _CANONICAL_INT.fullmatch(text):
+                    tag = _STR_TAG  # YAML 1.1 reads 0105 as octal 69 and 1:30 as 90
+                value = self._construct(tag, event, where, path)
+                if value is not _UNREADABLE:
+                    self.plain[text] = value
+        else:
+            value = self._construct(tag, event, where, path)
         if event.anchor:
             self.anchors[str(event.anchor)] = (value, 1)
-        self._add(value, where)
+        self._add(value, where, path)
 
-    def _construct(self, tag: str, event: Any, where: Where) -> Any:
-        node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, event.style)
-        path = self._child_path()
-        try:
-            return self.loader.construct_object(node, deep=True)
-        except yaml.constructor.ConstructorError:
+    def _construct(self, tag: str, event: Any, where: Where, path: Key) -> Any:
+        if tag == _STR_TAG:
+            return event.value
+        constructor = self.loader.yaml_constructors.get(tag) if tag in _SCALAR_TAGS else None
+        if constructor is None:
             self._problem(where, path, f"tag {_show_tag(tag)} is not supported here")
-        except Exception:  # PyYAML's scalar constructors fail with Index-, Key-, ValueError...
-            shown = "this value" if _is_secret(path) else _short(event.value)
-            self._problem(where, path, f"{shown} is not a valid {tag.rsplit(':', 1)[-1]}")
-        finally:
-            self.loader.constructed_objects.clear()
-            self.loader.recursive_objects.clear()
+        else:
+            node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark)
+            try:
+                return constructor(self.loader, node)
+            except Exception:  # PyYAML's constructors fail with Index-, Key-, ValueError...
+                shown = "this value" if _is_secret(path) else _short(event.value)
+                self._problem(where, path, f"{shown} is not a valid {tag.rsplit(':', 1)[-1]}")
         self.doc.unreadable.add(path)
         return _UNREADABLE
 
@@ -524,7 +543,7 @@ class _Builder:
         value = _UNREADABLE if frame.unreadable else frame.value
         if frame.anchor:
             self.anchors[frame.anchor] = (value, self.nodes - frame.start_nodes)
-        self._add(value, frame.where)
+        self._add(value, frame.where, frame.path)
 
     def _merge(self, frame: _Frame, into: dict[str, Any]) -> None:
         """Apply ``<<: *anchor`` merges: explicit keys win, then earlier merges."""
@@ -556,7 +575,8 @@ class _Builder:
             return (*top.path, top.key)
         return (*top.path, "<<") if top.key is _MERGE else top.path
 
-    def _add(self, value: Any, where: Where) -> None:
+    def _add(self, value: Any, where: Where, path: Key) -> None:
+        """Put ``value`` (found at ``path``) into its parent, or make it a key of it."""
         if value is _UNREADABLE:  # reported already; a key is dropped, a value becomes null
             if self._at_key():
                 self.stack[-1].key = _BAD_KEY
@@ -567,7 +587,6 @@ class _Builder:
             self.doc.values[()] = where
             return
         top = self.stack[-1]
-        path = self._child_path()
         if isinstance(top.value, list):
             top.value.append(value)
             self.doc.values[path] = where
@@ -805,17 +824,22 @@ def _as_timezone(value: Any) -> str:
 
 
 def _as_cron(value: Any) -> str:
-    from scheduler.triggers import check_cron  # triggers imports this module's types
-
     if not isinstance(value, str) or not value.strip():
         raise _Invalid("must be a cron expression like '*/15 8-18 * * mon-fri' or @daily")
     if len(value) > 200:
         raise _Invalid("is too long for a cron expression (5 fields or an @alias)")
     try:
-        check_cron(value)
+        _check_cron(value)
     except ValueError as exc:
         raise _Invalid(str(exc), quoted=True) from None
     return value
+
+
+@functools.lru_cache(maxsize=512)
+def _check_cron(expr: str) -> str:
+    from scheduler.triggers import check_cron  # triggers imports this module's types
+
+    return check_cron(expr)
 
 
 def _as_time(tz: str) -> Convert[datetime]:

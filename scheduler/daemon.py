@@ -284,7 +284,8 @@ class Daemon:
         entry = self._entries.get(job_id)
         if entry is None or not run_times or submitted is None or self.stop.is_set():
             return  # removed by a reload, or shutting down
-        slots = [run_time - entry.offset for run_time in run_times]
+        # In UTC: subtracting from a zone-aware time is wall-clock arithmetic and drops fold.
+        slots = [run_time.astimezone(timezone.utc) - entry.offset for run_time in run_times]
         latest = slots[-1]
         late = submitted - (latest + entry.offset)
         grace = max(entry.job.catch_up, timedelta(minutes=1))

@@ -32,6 +32,14 @@ log = logging.getLogger(__name__)
 _IMMEDIATE = "te_begin_immediate"
 # Any constant works; it only has to be the same in every te-scheduler process.
 _PG_MIGRATION_LOCK = 7_466_001
+# Each firing thread (up to max(32, 4 x concurrency)) holds a connection for one short
+# statement at a time, so a small pool that lets threads queue for a moment serves them all;
+# 5 + 15 connections per instance keep four instances under PostgreSQL's default
+# max_connections of 100.
+PG_POOL_SIZE = 5
+PG_MAX_OVERFLOW = 15
+PG_POOL_TIMEOUT = 30  # seconds a thread waits for a pooled connection
+PG_CONNECT_TIMEOUT = 5  # seconds; an unreachable server fails fast instead of hanging
 
 
 def describe_url(url: str | URL) -> str:
@@ -45,11 +53,24 @@ def describe_url(url: str | URL) -> str:
         return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
-def _one_line(exc: BaseException) -> str:
-    """The driver's message on one line (psycopg messages span several)."""
+def _one_line(exc: BaseException, url: URL | None = None) -> str:
+    """The driver's message on one line (psycopg messages span several), password hidden."""
     text = str(getattr(exc, "orig", None) or exc)
+    text = re.sub(r"^connection failed: |FATAL:\s+", "", text)
     lines = (part.strip() for part in text.splitlines())
-    return "; ".join(line for line in lines if line) or type(exc).__name__
+    text = "; ".join(line for line in lines if line) or type(exc).__name__
+    password = url.password if url is not None else None
+    # Drivers do not echo passwords, but a message quoting the DSN must not either. Very short
+    # "passwords" would mangle ordinary words and reveal next to nothing, so they are left.
+    if isinstance(password, str) and len(password) >= 4:
+        text = text.replace(password, "***")
+    return text
+
+
+def _is_missing_table(exc: sa_exc.DBAPIError) -> bool:
+    """Whether the driver says a table does not exist (the schema was never migrated)."""
+    code = getattr(exc.orig, "sqlstate", None)
+    return code == "42P01" or "no such table" in str(exc.orig)
 
 
 @contextmanager
@@ -59,13 +80,22 @@ def translate_errors(engine: Engine, action: str) -> Iterator[None]:
     try:
         yield
     except sa_exc.DBAPIError as exc:
-        raise DatabaseError(f"database error while {action} ({where}): {_one_line(exc)}") from exc
+        if _is_missing_table(exc):
+            raise DatabaseError(
+                f"database {where} is not migrated ({_one_line(exc, engine.url)}); "
+                "run `te-scheduler db upgrade`"
+            ) from exc
+        raise DatabaseError(
+            f"database error while {action} ({where}): {_one_line(exc, engine.url)}"
+        ) from exc
+    except sa_exc.TimeoutError as exc:  # every pooled connection stayed busy for pool_timeout
+        raise DatabaseError(f"database busy while {action} ({where}): {exc}") from exc
     except CommandError as exc:
-        raise DatabaseError(f"migration failed ({where}): {_one_line(exc)}") from exc
+        raise DatabaseError(f"migration failed ({where}): {_one_line(exc, engine.url)}") from exc
 
 
 def make_engine(url: str) -> Engine:
-    """An Engine for ``url``; SQLite files get mode 0600, WAL and a busy timeout."""
+    """An Engine for ``url``: SQLite as a private WAL file, PostgreSQL via psycopg 3 (pooled)."""
     try:
         parsed = make_url(url)
     except sa_exc.ArgumentError:
@@ -76,6 +106,8 @@ def make_engine(url: str) -> Engine:
     try:
         if parsed.get_backend_name() == "sqlite":
             return _make_sqlite_engine(parsed)
+        if parsed.get_backend_name() in ("postgresql", "postgres"):
+            return _make_postgres_engine(parsed)
         return create_engine(parsed, pool_pre_ping=True)
     except sa_exc.NoSuchModuleError:
         raise DatabaseError(
@@ -100,6 +132,26 @@ def _make_sqlite_engine(url: URL) -> Engine:
     event.listen(engine, "connect", _on_sqlite_connect)
     event.listen(engine, "begin", _on_sqlite_begin)
     return engine
+
+
+def _make_postgres_engine(url: URL) -> Engine:
+    """PostgreSQL through psycopg 3 (also for a bare postgresql:// URL), failing fast."""
+    if url.drivername in ("postgresql", "postgres"):
+        # SQLAlchemy's default PostgreSQL driver is psycopg2, which te-scheduler does not ship.
+        url = url.set(drivername="postgresql+psycopg")
+    connect_args: dict[str, Any] = {}
+    if "connect_timeout" not in url.query:  # a value in the URL wins
+        connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT
+    if "application_name" not in url.query:  # names our sessions in pg_stat_activity
+        connect_args["application_name"] = "te-scheduler"
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=PG_POOL_SIZE,
+        max_overflow=PG_MAX_OVERFLOW,
+        pool_timeout=PG_POOL_TIMEOUT,
+        connect_args=connect_args,
+    )
 
 
 def _sqlite_file(url: URL) -> Path | None:
@@ -265,6 +317,18 @@ def _reaching(engine: Engine) -> Iterator[None]:
     try:
         yield
     except sa_exc.DBAPIError as exc:
+        message = _one_line(exc, engine.url)
         raise DatabaseError(
-            f"cannot reach database {describe_url(engine.url)}: {_one_line(exc)}"
+            f"cannot reach database {describe_url(engine.url)}: {message}{_hint(message)}"
         ) from exc
+
+
+def _hint(message: str) -> str:
+    """What to do about the usual connection failures, for the one-line error."""
+    if "password authentication failed" in message or "no password supplied" in message:
+        return " (check the user and password in the database URL)"
+    if re.search(r'database ".*" does not exist', message):
+        return " (create it, then run `te-scheduler db upgrade`)"
+    if "timeout expired" in message:
+        return " (no answer: check the host, the port and any firewall)"
+    return ""

@@ -1,4 +1,5 @@
-"""The ``attempts`` table (SPEC.md section 4) and the few queries the runner and the CLI need."""
+"""The history schema (``attempts`` of SPEC.md section 4, ``instances``, ``rate_limits``) and
+the few ``attempts`` queries the runner and the CLI need (scheduler.instances has the rest)."""
 
 from __future__ import annotations
 
@@ -82,6 +83,33 @@ attempts = sa.Table(
     sa.Index("ix_attempts_started_at", "started_at"),
     sa.Index("ix_attempts_outcome", "outcome"),
     sqlite_autoincrement=True,
+)
+
+
+# Every daemon sharing the database, for liveness (heartbeats) and `te-scheduler status`.
+instances = sa.Table(
+    "instances",
+    metadata,
+    sa.Column("instance", sa.String(200), primary_key=True),  # host:pid, as in attempts
+    sa.Column("host", sa.String(255), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=True),
+    sa.Column("version", sa.String(32), nullable=False),
+    sa.Column("started_at", UTCDateTime(), nullable=False),
+    sa.Column("heartbeat_at", UTCDateTime(), nullable=False),
+    sa.Column("stopped_at", UTCDateTime(), nullable=True),  # null while running
+)
+
+# The server's rate-limit windows as last seen by any instance, per token and bucket.
+rate_limits = sa.Table(
+    "rate_limits",
+    metadata,
+    sa.Column("token_key", sa.String(64), primary_key=True),  # SHA-256 prefix, never the token
+    sa.Column("bucket", sa.String(32), primary_key=True),
+    sa.Column("remaining", sa.Integer, nullable=True),
+    sa.Column("reset", sa.Double, nullable=True),  # Unix seconds, as the Reset headers
+    sa.Column("paused_until", sa.Double, nullable=True),  # Unix seconds
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+    sa.Column("updated_by", sa.String(200), nullable=False),
 )
 
 
@@ -250,7 +278,15 @@ def prune(
                 conn.scalar(sa.select(sa.func.count()).select_from(attempts).where(*old)) or 0
             )
     # Short transactions keep a big prune from holding the write lock the daemon needs.
-    batch = sa.select(c.id).where(*old).order_by(c.id).limit(batch_size)
+    # SKIP LOCKED (PostgreSQL; SQLite ignores it and serialises writers anyway) gives two
+    # instances pruning at once disjoint batches, so neither sees a short batch and stops early.
+    batch = (
+        sa.select(c.id)
+        .where(*old)
+        .order_by(c.id)
+        .limit(batch_size)
+        .with_for_update(skip_locked=True)
+    )
     stmt = sa.delete(attempts).where(c.id.in_(batch))
     deleted = 0
     while True:

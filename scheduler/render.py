@@ -8,6 +8,7 @@ import json
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from typing import Any
+from zoneinfo import ZoneInfo
 
 FORMATS = ("table", "json", "csv")
 
@@ -21,6 +22,11 @@ def cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3g}"
     return str(value)
+
+
+def local_time(moment: datetime, zone: str) -> str:
+    """``2026-11-27 08:00:00 CET``: a time as the people in ``zone`` read it."""
+    return moment.astimezone(ZoneInfo(zone)).strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
 def table(rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> str:

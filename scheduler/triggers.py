@@ -53,6 +53,11 @@ def check_cron(expr: str) -> str:
     try:
         first = next(CronSim(fields, datetime(2000, 1, 1, tzinfo=timezone.utc)))
     except (CronSimError, StopIteration, ValueError, OverflowError) as exc:
+        if _fires_in_some_month(fields):
+            raise ValueError(
+                f"cron expression {expr!r} can never fire: that day of the month does not "
+                "exist in the months it names"
+            ) from None
         raise ValueError(f"invalid cron expression {expr!r}: {exc or 'can never fire'}") from None
     if first.year > 2100:
         raise ValueError(f"cron expression {expr!r} can never fire")
@@ -70,6 +75,17 @@ def _fixed_hour_form(fields: str) -> str:
         return fields
     minutes = sorted(CronSim(fields, _EPOCH).minutes)
     return f"{','.join(str(m) for m in minutes)} {hour} {rest}"
+
+
+def _fires_in_some_month(fields: str) -> bool:
+    """True when ``fields`` is valid once its month is ``*`` (so only the date is impossible)."""
+    minute, hour, day, month, weekday = fields.split()
+    try:
+        CronSim(f"{minute} {hour} {day} * {weekday}", _EPOCH)
+        CronSim(f"0 0 1 {month} *", _EPOCH)
+    except (CronSimError, ValueError):
+        return False
+    return True
 
 
 class _CronSim(CronSim):

@@ -52,8 +52,14 @@ def engine(db_url: str):  # type: ignore[no-untyped-def]
     eng.dispose()
 
 
-def write_config(path: Path, body: str, *, base_url: str | None = None,
-                 db_url: str | None = None, api_extra: str = "") -> Path:
+def write_config(
+    path: Path,
+    body: str,
+    *,
+    base_url: str | None = None,
+    db_url: str | None = None,
+    api_extra: str = "",
+) -> Path:
     """Write a jobs.yaml with an api section pointing at ``base_url`` and the given jobs."""
     api = f"  base_url: {base_url}\n" if base_url else ""
     api += "  token_env: TE_TEST_TOKEN\n" + api_extra
@@ -68,12 +74,17 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
-            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     """Run ``python -m scheduler ARGS`` as a user would; returns the finished process."""
     return subprocess.run(
-        [sys.executable, "-m", "scheduler", *args], cwd=cwd, env=env or cli_env(),
-        capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "scheduler", *args],
+        cwd=cwd,
+        env=env or cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -84,8 +95,12 @@ class DaemonProcess:
         self.log_path = cwd / f"daemon-{time.monotonic_ns()}.log"
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "scheduler", *args], cwd=cwd, env=env,
-            stdout=self._log, stderr=subprocess.STDOUT, text=True,
+            [sys.executable, "-m", "scheduler", *args],
+            cwd=cwd,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
 
     @property

@@ -28,10 +28,10 @@ def attempts(db_url: str) -> list[dict]:
         engine.dispose()
 
 
-def test_fires_every_second_and_exits_0_on_sigterm(tmp_path: Path, simulator, db_url,
-                                                   start_daemon):
-    config = write_config(tmp_path / "jobs.yaml", EVERY_SECOND, base_url=simulator.url,
-                          db_url=db_url)
+def test_fires_every_second_and_exits_0_on_sigterm(tmp_path: Path, simulator, db_url, start_daemon):
+    config = write_config(
+        tmp_path / "jobs.yaml", EVERY_SECOND, base_url=simulator.url, db_url=db_url
+    )
     daemon = start_daemon(config)
     wait_until(lambda: len(simulator.requests) >= 6, what="six calls")
     assert daemon.stop(signal.SIGTERM) == 0

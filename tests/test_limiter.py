@@ -24,12 +24,18 @@ def burst(engine, sim: Simulator, budget: Rate, n: int) -> list[str]:  # type: i
     stop = threading.Event()
     caller = Caller(ApiConfig(base_url=sim.url, timeout=5.0), TOKEN)
     runner = Runner(engine, caller.send, Limiter(budget, stop), stop, concurrency=8)
-    job = Job(name="burst", tests=tuple(str(100 + i) for i in range(n)),
-              schedule=Schedule(every=timedelta(hours=1)))
+    job = Job(
+        name="burst",
+        tests=tuple(str(100 + i) for i in range(n)),
+        schedule=Schedule(every=timedelta(hours=1)),
+    )
     outcomes: list[str] = []
     threads = [
-        threading.Thread(target=lambda t=t: outcomes.append(
-            runner.fire(Firing(job, t, SLOT, deadline=SLOT + timedelta(hours=1)))))
+        threading.Thread(
+            target=lambda t=t: outcomes.append(
+                runner.fire(Firing(job, t, SLOT, deadline=SLOT + timedelta(hours=1)))
+            )
+        )
         for t in job.tests
     ]
     for thread in threads:

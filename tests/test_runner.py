@@ -52,12 +52,19 @@ def test_success_writes_one_row_with_the_request_the_api_expects(runner, engine,
     assert fire(runner) == "success"
     [row] = rows(engine)
     assert (row["outcome"], row["status_code"], row["attempt"], row["trigger"]) == (
-        "success", 200, 1, "schedule")
+        "success",
+        200,
+        1,
+        "schedule",
+    )
     assert row["scheduled_for"] == SLOT and row["finished_at"] is not None
     assert row["instance"] == "host:1" and row["aid"] == "1234"
     [request] = simulator.requests
     assert (request.method, request.path, request.query) == (
-        "POST", "/v7/tests/105/run", {"aid": ["1234"]})
+        "POST",
+        "/v7/tests/105/run",
+        {"aid": ["1234"]},
+    )
 
 
 def test_server_errors_are_retried_with_one_row_per_attempt(runner, engine, simulator, fake_clock):
@@ -65,7 +72,10 @@ def test_server_errors_are_retried_with_one_row_per_attempt(runner, engine, simu
     assert fire(runner) == "success"
     found = rows(engine)
     assert [(r["attempt"], r["outcome"], r["status_code"]) for r in found] == [
-        (1, "http_error", 500), (2, "http_error", 500), (3, "success", 200)]
+        (1, "http_error", 500),
+        (2, "http_error", 500),
+        (3, "success", 200),
+    ]
     assert len({r["run_id"] for r in found}) == 1
     assert found[0]["error"] == "Internal Server Error: boom"
     # Full jitter: the n-th backoff is uniform in [0, 2s * 2**(n-1)].
@@ -89,25 +99,41 @@ def test_client_errors_are_never_retried(runner, engine, simulator, status):
 
 
 def test_a_429_waits_for_the_later_reset_and_does_not_use_up_attempts(
-        runner, engine, simulator, fake_clock):
+    runner, engine, simulator, fake_clock
+):
     now = int(clock.epoch())
-    simulator.add_rule("105", 429, '{"title": "Too Many Requests"}', headers={
-        "X-Organization-Rate-Limit-Limit": "240", "X-Organization-Rate-Limit-Remaining": "200",
-        "X-Organization-Rate-Limit-Reset": str(now + 10),
-        "X-Instant-Test-Rate-Limit-Limit": "24", "X-Instant-Test-Rate-Limit-Remaining": "0",
-        "X-Instant-Test-Rate-Limit-Reset": str(now + 40)}, times=1)
+    simulator.add_rule(
+        "105",
+        429,
+        '{"title": "Too Many Requests"}',
+        headers={
+            "X-Organization-Rate-Limit-Limit": "240",
+            "X-Organization-Rate-Limit-Remaining": "200",
+            "X-Organization-Rate-Limit-Reset": str(now + 10),
+            "X-Instant-Test-Rate-Limit-Limit": "24",
+            "X-Instant-Test-Rate-Limit-Remaining": "0",
+            "X-Instant-Test-Rate-Limit-Reset": str(now + 40),
+        },
+        times=1,
+    )
     job = make_job(retry=RetryPolicy(attempts=1, backoff=1.0, max_backoff=1.0))
     assert fire(runner, job) == "success"
     assert [(r["attempt"], r["outcome"]) for r in rows(engine)] == [
-        (1, "rate_limited"), (2, "success")]
+        (1, "rate_limited"),
+        (2, "success"),
+    ]
     second = simulator.requests[1].received_at
     assert second >= now + 40, "the retry went out before the later of the two resets"
 
 
 def test_no_retry_starts_after_the_deadline(runner, engine, simulator):
     simulator.add_rule("105", 503, "", times=None)
-    firing = Firing(make_job(retry=RetryPolicy(attempts=5, backoff=600.0, max_backoff=600.0)),
-                    "105", SLOT, deadline=SLOT + timedelta(seconds=1))
+    firing = Firing(
+        make_job(retry=RetryPolicy(attempts=5, backoff=600.0, max_backoff=600.0)),
+        "105",
+        SLOT,
+        deadline=SLOT + timedelta(seconds=1),
+    )
     # A backoff drawn from [0, 600 s] almost surely crosses a deadline 1 s after the slot.
     outcomes = [runner.fire(firing)]
     assert outcomes == ["http_error"]

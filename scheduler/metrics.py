@@ -1,0 +1,310 @@
+"""Prometheus metrics (SPEC section 6) and the ``/metrics`` + ``/healthz`` HTTP endpoint.
+
+Every :class:`Metrics` owns its own ``CollectorRegistry``, so tests and several daemons in one
+process never clash. Besides the six SPEC metrics it exports ``te_scheduler_build_info{version}``
+(always 1), ``te_scheduler_firings_in_progress`` (read from a callable at scrape time),
+``te_scheduler_config_reloads_total{result}`` (``success`` / ``failure``) and
+``te_scheduler_last_success_timestamp_seconds{job}`` (for "no success in an hour" alerts).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sqlite3
+import threading
+from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+
+from scheduler import __version__, clock
+from scheduler.errors import SchedulerError
+
+log = logging.getLogger(__name__)
+
+# A request takes from ~10 ms (loopback simulator) to the 30 s default timeout, at most 60 s.
+DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Lag is milliseconds when healthy, seconds under pacing, up to an hour for a catch-up.
+LAG_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0)
+HEALTH_TIMEOUT = 5.0  # seconds a /healthz request waits for the health callable
+
+Health = Callable[[], tuple[bool, dict[str, str]]]
+
+
+class Metrics:
+    """The daemon's metrics; every method is thread-safe and never raises for odd values."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self._attempts = Counter("te_scheduler_attempts_total", "Attempts recorded, by final "
+                                 "state of the attempt.", ["job", "outcome"], registry=r)
+        self._responses = Counter("te_scheduler_http_responses_total", "HTTP responses from the "
+                                  "API, by status code.", ["code"], registry=r)
+        self._duration = Histogram("te_scheduler_request_duration_seconds", "Time of each API "
+                                   "request, answered or not.", buckets=DURATION_BUCKETS,
+                                   registry=r)
+        self._lag = Histogram("te_scheduler_firing_lag_seconds", "Call start minus scheduled_for"
+                              ", spread excluded.", buckets=LAG_BUCKETS, registry=r)
+        self._remaining = Gauge("te_scheduler_rate_limit_remaining", "Calls left in the current "
+                                "rate-limit window.", ["bucket"], registry=r)
+        self._next_fire = Gauge("te_scheduler_next_fire_timestamp_seconds", "Unix time of the "
+                                "job's next scheduled call.", ["job"], registry=r)
+        self._last_success = Gauge("te_scheduler_last_success_timestamp_seconds", "Unix time of "
+                                   "the job's last successful attempt.", ["job"], registry=r)
+        self._reloads = Counter("te_scheduler_config_reloads_total", "Config reloads, by result.",
+                                ["result"], registry=r)
+        self._in_progress = Gauge("te_scheduler_firings_in_progress", "Firings running now.",
+                                  registry=r)
+        Gauge("te_scheduler_build_info", "Always 1; the version as a label.", ["version"],
+              registry=r).labels(__version__).set(1)
+        self._lock = threading.Lock()
+        self._jobs_with_next_fire: set[str] = set()
+
+    def attempt(self, job: str, outcome: str) -> None:
+        """Count one history row's final outcome (also ``skipped``, ``missed``, ``interrupted``)."""
+        self._attempts.labels(job, outcome).inc()
+        if outcome == "success":
+            self._last_success.labels(job).set(clock.epoch())
+
+    def response(self, status_code: int | None, duration_seconds: float) -> None:
+        """Observe one request's duration; count its status code when a response came.
+
+        ``None`` (timeout, connection error) adds no ``code`` series but the duration is still
+        observed: it is time really spent on the request, and hiding it would flatter p99.
+        """
+        if status_code is not None:
+            self._responses.labels(str(status_code)).inc()
+        self._duration.observe(max(0.0, duration_seconds))
+
+    def lag(self, seconds: float) -> None:
+        """Observe a firing's lag; a negative lag (clock rounding) counts as 0."""
+        self._lag.observe(max(0.0, seconds))
+
+    def rate_limit_remaining(self, bucket: str, remaining: int | None) -> None:
+        """Set a bucket's remaining calls; None (unknown) removes the series."""
+        if remaining is None:
+            self._remaining.remove(bucket)
+        else:
+            self._remaining.labels(bucket).set(remaining)
+
+    def rate_limits(self, snapshot: Mapping[str, int | None]) -> None:
+        """Set every bucket of a ``Limiter.snapshot()`` at once."""
+        for bucket, remaining in snapshot.items():
+            self.rate_limit_remaining(bucket, remaining)
+
+    def next_fire(self, job: str, when: datetime | None) -> None:
+        """Set the job's next call time; None (nothing left to fire) removes the series."""
+        with self._lock:
+            if when is None:
+                self._next_fire.remove(job)
+                self._jobs_with_next_fire.discard(job)
+            else:
+                self._next_fire.labels(job).set(_epoch(when))
+                self._jobs_with_next_fire.add(job)
+
+    def sync_next_fires(self, times: Mapping[str, datetime | None]) -> None:
+        """Make the next-fire gauge exactly ``times``: jobs absent from it lose their series."""
+        with self._lock:
+            stale = self._jobs_with_next_fire - set(times)
+        for job in stale:
+            self.next_fire(job, None)
+        for job, when in times.items():
+            self.next_fire(job, when)
+
+    def forget_job(self, job: str) -> None:
+        """Drop the per-job gauges of a job removed from the config (counters stay)."""
+        self.next_fire(job, None)
+        self._last_success.remove(job)
+
+    def config_reload(self, ok: bool) -> None:
+        """Count one reload attempt."""
+        self._reloads.labels("success" if ok else "failure").inc()
+
+    def track_in_progress(self, count: Callable[[], int]) -> None:
+        """Read the firings-in-progress gauge from ``count`` (e.g. ``Runner.running``)."""
+        self._in_progress.set_function(lambda: float(count()))
+
+    def observe_attempt(self, job: str, attempt: int, result: Any, lag: float) -> None:
+        """Everything one HTTP attempt tells: outcome, response, duration and (attempt 1) lag.
+
+        ``result`` is a ``client.CallResult`` (``status_code``, ``outcome``, ``duration_ms``);
+        the arguments match ``Runner``'s ``observer`` hook. Retries add no lag sample: their
+        delay is the backoff, not lateness.
+        """
+        self.attempt(job, result.outcome)
+        self.response(result.status_code, result.duration_ms / 1000)
+        if attempt == 1:
+            self.lag(lag)
+
+
+def _epoch(when: datetime) -> float:
+    # Times read back from SQL are naive UTC; everything else in te-scheduler is aware.
+    return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
+
+
+# -- health ---------------------------------------------------------------------------------------
+
+
+def database_health(engine: Engine) -> tuple[bool, str]:
+    """Whether the history database answers: ``SELECT 1`` and a read of ``attempts``.
+
+    For a SQLite file the read also goes through a fresh connection, because a pooled one
+    keeps reading a file that was deleted, moved or overwritten under it.
+    """
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+            connection.execute(text("SELECT 1 FROM attempts LIMIT 1"))
+        path = engine.url.database if engine.dialect.name == "sqlite" else None
+        if path and path != ":memory:" and not engine.url.query.get("uri"):
+            _check_sqlite_file(path)
+    except Exception as exc:  # a health check reports every failure, it never raises
+        return False, _one_line(exc)
+    return True, "ok"
+
+
+def _check_sqlite_file(path: str) -> None:
+    uri = "file:" + quote(os.path.abspath(path)) + "?mode=rw"  # rw: never create it anew
+    connection = sqlite3.connect(uri, uri=True, timeout=2.0)
+    try:
+        connection.execute("SELECT 1 FROM attempts LIMIT 1").fetchall()
+    finally:
+        connection.close()
+
+
+def _one_line(exc: BaseException) -> str:
+    message = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return (message[0] if message else type(exc).__name__)[:200]
+
+
+def build_health(is_running: Callable[[], bool], engine: Engine) -> Health:
+    """The daemon's /healthz callable: the scheduler runs and the database answers."""
+
+    def health() -> tuple[bool, dict[str, str]]:
+        running = is_running()
+        db_ok, db_detail = database_health(engine)
+        detail = {"scheduler": "running" if running else "stopped", "database": db_detail}
+        return running and db_ok, detail
+
+    return health
+
+
+# -- HTTP -----------------------------------------------------------------------------------------
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """GET /metrics and /healthz; anything else is 404."""
+
+    server: _Server
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        path = urlsplit(self.path).path
+        if path == "/metrics":
+            encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+            self._reply(200, content_type, encoder(self.server.metrics.registry))
+        elif path == "/healthz":
+            ok, body = self.server.check_health()
+            self._reply(200 if ok else 503, "application/json", json.dumps(body).encode() + b"\n")
+        else:
+            self._reply(404, "text/plain; charset=utf-8", b"not found: try /metrics or /healthz\n")
+
+    def _reply(self, status: int, content_type: str, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # scrapes every 15 s would drown the attempt lines
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], metrics: Metrics, health: Health,
+                 health_timeout: float) -> None:
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, _Handler)
+        self.metrics, self.health, self.health_timeout = metrics, health, health_timeout
+
+    def check_health(self) -> tuple[bool, dict[str, str]]:
+        """Run the health callable with a deadline; a raise or a hang is a failure."""
+        outcome: list[tuple[bool, dict[str, str]]] = []
+
+        def call() -> None:
+            try:
+                ok, detail = self.health()
+                outcome.append((bool(ok), {k: str(v) for k, v in detail.items()}))
+            except Exception as exc:
+                log.warning("Health check raised: %r", exc)
+                outcome.append((False, {"health": f"check raised {type(exc).__name__}: {exc}"}))
+
+        worker = threading.Thread(target=call, name="healthz", daemon=True)
+        worker.start()
+        worker.join(self.health_timeout)
+        if not outcome:
+            outcome.append((False, {"health": f"check took over {self.health_timeout:g}s"}))
+        ok, detail = outcome[0]
+        return ok, {"status": "ok" if ok else "fail", **detail}
+
+
+class MetricsServer:
+    """Serves ``/metrics`` and ``/healthz`` on a background thread."""
+
+    def __init__(self, metrics: Metrics, listen: tuple[str, int], health: Health, *,
+                 health_timeout: float = HEALTH_TIMEOUT) -> None:
+        self.metrics, self.listen, self.health = metrics, listen, health
+        self.health_timeout = health_timeout
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port (the real one when ``listen`` asked for port 0)."""
+        if self._server is None:
+            raise RuntimeError("MetricsServer is not started")
+        return int(self._server.server_address[1])
+
+    def start(self) -> MetricsServer:
+        """Bind and serve; raises SchedulerError when the address cannot be bound."""
+        host, port = self.listen
+        try:
+            self._server = _Server((host, port), self.metrics, self.health, self.health_timeout)
+        except OSError as exc:
+            raise SchedulerError(
+                f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}"
+            ) from None
+        self._thread = threading.Thread(  # a short poll so that stop() is prompt
+            target=self._server.serve_forever, args=(0.05,), name="metrics-http", daemon=True
+        )
+        self._thread.start()
+        log.info("Serving /metrics and /healthz on http://%s:%d", _show_host(host), self.port)
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and release the port; safe to call twice."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join(5.0)
+
+
+def _show_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host or "0.0.0.0"

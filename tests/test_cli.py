@@ -1,0 +1,264 @@
+"""The command line as a user meets it: real subprocesses, exit codes, stdout and stderr."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from scheduler import db, history
+from tests.conftest import TOKEN, cli_env, run_cli, write_config
+
+JOBS = """\
+jobs:
+  - name: dns
+    tests: [105, 106]
+    aid: "1234"
+    schedule: {cron: "*/15 8-18 * * mon-fri", timezone: Europe/Berlin}
+  - name: web
+    tests: [281]
+    schedule: {every: 6h}
+"""
+COLUMNS = [
+    "id",
+    "run_id",
+    "job",
+    "test_id",
+    "aid",
+    "trigger",
+    "scheduled_for",
+    "attempt",
+    "started_at",
+    "finished_at",
+    "status_code",
+    "outcome",
+    "error",
+    "duration_ms",
+    "instance",
+]
+
+
+@pytest.fixture
+def config(tmp_path: Path, simulator, db_url) -> Path:  # type: ignore[no-untyped-def]
+    return write_config(tmp_path / "jobs.yaml", JOBS, base_url=simulator.url, db_url=db_url)
+
+
+def assert_clean(result) -> None:  # type: ignore[no-untyped-def]
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_validate_prints_one_line_per_job(config: Path):
+    result = run_cli("-c", str(config), "validate")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["job", "tests", "schedule", "next"]
+    assert lines[1].startswith("dns ") and "Europe/Berlin" in lines[1]
+    assert lines[2].startswith("web ") and "every 6h" in lines[2]
+
+
+def test_validate_reports_every_error_with_file_line_and_column(tmp_path: Path):
+    bad = tmp_path / "jobs.yaml"
+    bad.write_text(
+        "version: 1\njobs:\n  - name: x\n    tests: [1]\n"
+        "    schedule: {cron: '0 0 31 2 *'}\n    enabeld: true\n"
+    )
+    result = run_cli("-c", str(bad), "validate")
+    assert result.returncode == 2
+    assert_clean(result)
+    errors = result.stderr.splitlines()
+    assert errors[0].startswith(f"{bad}:5:")
+    assert "jobs[0].schedule.cron" in errors[0] and "can never fire" in errors[0]
+    assert errors[1].startswith(f"{bad}:6:5: jobs[0].enabeld: unknown key")
+    assert "did you mean 'enabled'" in errors[1]
+
+
+def test_a_missing_config_is_exit_2_in_one_line(tmp_path: Path):
+    result = run_cli("-c", str(tmp_path / "nope.yaml"), "validate")
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert_clean(result)
+
+
+def test_plan_json_has_the_spec_shape(config: Path):
+    result = run_cli(
+        "-c",
+        str(config),
+        "plan",
+        "--from",
+        "2026-11-30T07:00:00Z",
+        "--count",
+        "3",
+        "--format",
+        "json",
+    )
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert set(plan) == {"firings", "warnings"}
+    assert [set(f) for f in plan["firings"]] == [
+        {"job", "test_id", "scheduled_for", "utc", "local"}
+    ] * 3
+    first = plan["firings"][0]
+    assert (first["job"], first["utc"], first["local"]) == (
+        "dns",
+        "2026-11-30T07:00:00+00:00",
+        "2026-11-30T08:00:00+01:00",
+    )
+
+
+def test_plan_table_shows_the_peak_against_the_budget(config: Path):
+    result = run_cli(
+        "-c",
+        str(config),
+        "plan",
+        "--from",
+        "2026-11-30T07:00:00Z",
+        "--until",
+        "2026-11-30T08:00:00Z",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "peak: 2 call(s) in one min window" in result.stdout
+    assert "budget 24/min" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["plan", "--until", "1h", "--count", "3"], "exclusive"),
+        (["plan", "--job", "dsn"], "did you mean 'dns'"),
+        (["history", "--since", "yesterday"], "--since"),
+        (["prune", "--older-than", "ten days"], "--older-than"),
+        (["trigger", "nope"], "no job named 'nope'"),
+        (["history", "--outcome", "fine"], "fine"),
+        (["plan", "--count", "0"], "0"),
+    ],
+)
+def test_bad_usage_is_exit_2_with_one_clear_line(config: Path, args: list[str], message: str):
+    result = run_cli("-c", str(config), *args)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr
+    assert_clean(result)
+
+
+def test_reading_history_before_any_migration_is_exit_3(config: Path):
+    result = run_cli("-c", str(config), "history")
+    assert result.returncode == 3
+    assert "te-scheduler db upgrade" in result.stderr
+    assert_clean(result)
+
+
+def test_an_unreachable_database_is_exit_3(config: Path):
+    result = run_cli("-c", str(config), "--db", "sqlite:////proc/no/such/dir/h.db", "history")
+    assert result.returncode == 3, result.stderr
+    assert_clean(result)
+
+
+def test_db_upgrade_current_downgrade(config: Path):
+    assert run_cli("-c", str(config), "db", "current").stdout.startswith("empty")
+    upgraded = run_cli("-c", str(config), "db", "upgrade")
+    assert upgraded.returncode == 0 and upgraded.stdout == ""
+    assert "(head)" in run_cli("-c", str(config), "db", "current").stdout
+    assert run_cli("-c", str(config), "db", "downgrade", "base").returncode == 0
+    assert run_cli("-c", str(config), "db", "current").stdout.startswith("empty")
+
+
+def test_trigger_sends_each_test_once_and_records_manual_rows(config: Path, simulator, db_url):
+    result = run_cli("-c", str(config), "trigger", "dns")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    assert sorted(simulator.counts().items()) == [("105", 1), ("106", 1)]
+    engine = db.make_engine(db_url)
+    rows = history.query(engine, limit=None)
+    assert {(r["test_id"], r["trigger"], r["outcome"], r["status_code"]) for r in rows} == {
+        ("105", "manual", "success", 200),
+        ("106", "manual", "success", 200),
+    }
+
+
+def test_trigger_exits_1_when_a_test_is_not_accepted(config: Path, simulator):
+    simulator.add_rule("106", 404, '{"title": "URI Resource Not Found"}', times=None)
+    result = run_cli("-c", str(config), "trigger", "dns")
+    assert result.returncode == 1
+    assert "test 106: http_error" in result.stderr
+    only = run_cli("-c", str(config), "trigger", "dns", "--test", "105")
+    assert only.returncode == 0, only.stderr
+
+
+def test_trigger_matches_the_official_sdk_request(config: Path, simulator):
+    """Same method, path, query and headers as thousandeyes-sdk-instant-tests (User-Agent aside)."""
+    sdk = pytest.importorskip("thousandeyes_sdk.instant_tests")
+    core = pytest.importorskip("thousandeyes_sdk.core")
+    configuration = core.Configuration(host=simulator.url, access_token=TOKEN)
+    with core.ApiClient(configuration) as client:
+        sdk.InstantTestsApi(client).run_instant_test("105", aid="1234")
+    assert run_cli("-c", str(config), "trigger", "dns", "--test", "105").returncode == 0
+    theirs, ours = simulator.requests
+
+    def shape(request):  # type: ignore[no-untyped-def]
+        headers = {
+            k.lower(): v
+            for k, v in request.headers.items()
+            if k.lower() in ("authorization", "accept", "content-type")
+        }
+        length = request.headers.get("Content-Length", "0")
+        return request.method, request.path, request.query, headers, request.body, length
+
+    assert shape(ours) == shape(theirs)
+    assert ours.headers["User-Agent"].startswith("te-scheduler/")
+
+
+def test_history_formats(config: Path, simulator):
+    assert run_cli("-c", str(config), "trigger", "web").returncode == 0
+    as_json = json.loads(run_cli("-c", str(config), "history", "--format", "json").stdout)
+    assert len(as_json) == 1 and list(as_json[0]) == COLUMNS
+    assert as_json[0]["status_code"] == 200 and as_json[0]["trigger"] == "manual"
+    as_csv = list(
+        csv.reader(io.StringIO(run_cli("-c", str(config), "history", "--format", "csv").stdout))
+    )
+    assert as_csv[0] == COLUMNS and len(as_csv) == 2
+    table = run_cli("-c", str(config), "history").stdout.splitlines()
+    assert table[0].split()[:3] == ["started_at", "job", "test_id"] and len(table) == 2
+    empty = run_cli("-c", str(config), "history", "--job", "dns")
+    assert empty.returncode == 0 and empty.stdout == ""
+
+
+def test_stats_and_prune(config: Path, simulator):
+    assert run_cli("-c", str(config), "trigger", "web").returncode == 0
+    stats = json.loads(run_cli("-c", str(config), "stats", "--format", "json").stdout)
+    assert [(s["job"], s["test_id"], s["firings"], s["success_rate"]) for s in stats] == [
+        ("web", "281", 1, 1.0)
+    ]
+    dry = run_cli("-c", str(config), "prune", "--older-than", "0s", "--dry-run")
+    assert dry.stdout.strip() == "1 row(s) would be deleted"
+    assert run_cli("-c", str(config), "prune", "--older-than", "1d").stdout.strip() == (
+        "0 row(s) deleted"
+    )
+    assert run_cli("-c", str(config), "prune", "--older-than", "0s").stdout.strip() == (
+        "1 row(s) deleted"
+    )
+
+
+def test_help_teaches_and_never_shows_the_token(config: Path):
+    result = run_cli("--help", env=cli_env(THOUSANDEYES_TOKEN=TOKEN))
+    assert result.returncode == 0
+    assert "Examples:" in result.stdout and "te-scheduler run --simulate" in result.stdout
+    for command in (
+        "run",
+        "validate",
+        "plan",
+        "trigger",
+        "history",
+        "stats",
+        "db",
+        "prune",
+        "simulate",
+    ):
+        sub = run_cli(command, "--help", env=cli_env(THOUSANDEYES_TOKEN=TOKEN))
+        assert sub.returncode == 0 and TOKEN not in sub.stdout + sub.stderr
+
+
+def test_version():
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout.startswith("te-scheduler, version ")
