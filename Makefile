@@ -25,7 +25,10 @@ demo: $(STAMP)
 
 run: demo
 
+# PostgreSQL's server programs are installed (as root, from Debian) when missing; the tests
+# start a throwaway cluster of their own and skip those tests only when none can be had.
 test: $(STAMP)
+	@bash .ci/ensure-postgres
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

@@ -52,9 +52,8 @@ def sample(pid: int) -> ProcSample:
 
 
 def cpu_seconds() -> float:
-    """This process's user + system CPU seconds, every thread included."""
-    times = os.times()
-    return times.user + times.system
+    """This process's user + system CPU seconds, every thread included (ns resolution)."""
+    return time.process_time()
 
 
 def percentile(values: Sequence[float], pct: float) -> float:
@@ -164,3 +163,43 @@ def run_worker(spec: dict[str, Any], workdir: Path, name: str, timeout: float) -
 def say(message: str) -> None:
     """Progress on stderr, so a long run shows where it is."""
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+class LoadMeter:
+    """How much CPU other processes took while the benchmarks ran (they share the machine)."""
+
+    def __init__(self) -> None:
+        self._busy0 = _machine_busy()
+        self._ours0 = _our_cpu()
+        self._wall0 = time.monotonic()
+        self._loadavg = _loadavg()
+
+    def describe(self) -> str:
+        wall = time.monotonic() - self._wall0
+        other = max(0.0, (_machine_busy() - self._busy0) - (_our_cpu() - self._ours0))
+        cores = os.cpu_count() or 1
+        return (
+            f"processes outside the benchmark used {other:,.0f} CPU-seconds during the "
+            f"{wall:,.0f} s run ({other / max(wall, 1e-9) / cores * 100:.0f}% of the "
+            f"{cores} cores); load average {self._loadavg} when it started"
+        )
+
+
+def _machine_busy() -> float:
+    """CPU seconds spent busy by the whole machine since boot (/proc/stat)."""
+    with open("/proc/stat") as handle:
+        fields = [int(x) for x in handle.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / TICKS
+
+
+def _our_cpu() -> float:
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"

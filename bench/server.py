@@ -34,8 +34,9 @@ HUGE = 10**9
 class _FastProtocol(asyncio.Protocol):
     """Keep-alive HTTP/1.1: every complete request head gets the canned 200."""
 
-    def __init__(self, records: list[Record]) -> None:
+    def __init__(self, records: list[Record], announce: str | None) -> None:
         self.records = records
+        self.announce = announce
         self.buffer = b""
         self.transport: asyncio.Transport | None = None
 
@@ -56,9 +57,17 @@ class _FastProtocol(asyncio.Protocol):
             self.buffer = self.buffer[end + 4 + skip :]
             now = time.time()
             path = head.split(b" ", 2)[1].decode("latin-1")
-            self.records.append([now, _test_id(path), 200, b"te-scheduler/" in head])
+            test = _test_id(path)
+            self.records.append([now, test, 200, b"te-scheduler/" in head])
+            if self.announce and not _Announced.done and test.startswith(self.announce):
+                print(f"HIT {now!r} {test}", flush=True)  # the parent waits for this line
+                _Announced.done = True
             assert self.transport is not None
             self.transport.write(_canned(now))
+
+
+class _Announced:
+    done = False
 
 
 _CANNED: dict[int, bytes] = {}
@@ -95,11 +104,11 @@ def _test_id(path: str) -> str:
     return parts[-2] if len(parts) >= 2 else path
 
 
-def _serve_fast(records: list[Record], stop: threading.Event) -> None:
+def _serve_fast(records: list[Record], stop: threading.Event, announce: str | None) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         server = await loop.create_server(
-            lambda: _FastProtocol(records), "127.0.0.1", 0, backlog=4096
+            lambda: _FastProtocol(records, announce), "127.0.0.1", 0, backlog=4096
         )
         print(f"PORT {server.sockets[0].getsockname()[1]}", flush=True)
         while not stop.is_set():
@@ -142,13 +151,16 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=60.0)
     parser.add_argument("--fail-rate", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--announce", default=None,
+                        help="Print 'HIT <time> <test>' at the first call of a test id "
+                             "starting with this (fast mode).")
     args = parser.parse_args()
     records: list[Record] = []
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     if args.mode == "fast":
-        _serve_fast(records, stop)
+        _serve_fast(records, stop, args.announce)
     else:
         _serve_sim(args, records, stop)
     Path(args.records).write_text(json.dumps(records))
@@ -176,6 +188,19 @@ class Server:
         self._wall_start = time.monotonic()
         self.cpu = math.nan  # CPU seconds the server used while open
         self.busy = math.nan  # that, as a share of one core over the time it was open
+
+    def wait_announce(self, timeout: float) -> tuple[float, str] | None:
+        """The time and test id of the announced call (see ``--announce``), or None."""
+        assert self.proc.stdout is not None
+        found: list[str] = []
+        reader = threading.Thread(target=lambda: found.append(self.proc.stdout.readline()),
+                                  daemon=True)
+        reader.start()
+        reader.join(timeout)
+        if not found or not found[0].startswith("HIT "):
+            return None
+        _, at, test = found[0].split()
+        return float(at), test
 
     def cpu_now(self) -> float:
         """The server's CPU seconds so far (for its share during one measured interval)."""

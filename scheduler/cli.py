@@ -301,6 +301,28 @@ def stats(state: State, since: str, fmt: str) -> None:
     _emit(rows, fmt, STATS_COLUMNS, STATS_COLUMNS)
 
 
+STATUS_COLUMNS = ("instance", "state", "version", "started_at", "heartbeat_at",
+                  "last_attempt_at", "attempts_last_hour", "pending")
+
+
+@cli.command()
+@click.option("--format", "fmt", type=click.Choice(("table", "json")), default="table",
+              show_default=True)
+@pass_state
+def status(state: State, fmt: str) -> None:
+    """Daemons sharing the history database: alive or not, last heartbeat, what they ran.
+
+    An instance is `stale` when it has not sent a heartbeat for 30 s (three heartbeats; its
+    pending calls are then marked interrupted by a survivor) and `stopped` after a clean
+    shutdown.
+    """
+    from scheduler import instances
+
+    engine = state.engine(state.load())
+    rows = instances.status(engine, clock.now(), instances.stale_after())
+    _emit(rows, fmt, STATUS_COLUMNS, tuple(rows[0]) if rows else STATUS_COLUMNS)
+
+
 @cli.group(name="db")
 def db_group() -> None:
     """Alembic migrations of the history database."""

@@ -7,7 +7,6 @@ pacing, retries, history) is the runner's.
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import os
 import signal
@@ -17,19 +16,20 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from apscheduler.executors.base import BaseExecutor
-from apscheduler.job import Job as ApsJob
-from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import BaseScheduler
 from sqlalchemy.engine import Engine
 
-from scheduler import __version__, clock, db, history
+from scheduler import __version__, clock, db, history, instances, recovery
 from scheduler.catchup import plan_catch_up
 from scheduler.client import Caller, CallResult
 from scheduler.config import ApiConfig, Config, Job, load, load_token
 from scheduler.errors import ConfigError, SchedulerError
+from scheduler.executor import build_scheduler
 from scheduler.limiter import Limiter
 from scheduler.logs import add_secret
+from scheduler.metrics import Metrics, MetricsServer, build_health
+from scheduler.notify import Notifier, sd_notify
+from scheduler.observe import Observers
 from scheduler.runner import Firing, Runner, instance_name
 from scheduler.triggers import SpreadTrigger, build_trigger, spread_offsets
 
@@ -37,31 +37,6 @@ log = logging.getLogger(__name__)
 
 DRAIN_SECONDS = 30.0
 LOOP_SECONDS = 0.5
-
-
-class FiringExecutor(BaseExecutor):
-    """Hands APScheduler's run times to us (its own executors drop them) on a thread pool."""
-
-    def __init__(self, pool: concurrent.futures.ThreadPoolExecutor) -> None:
-        super().__init__()
-        self._pool = pool
-
-    def _do_submit_job(self, job: ApsJob, run_times: list[datetime]) -> None:
-        submitted = clock.now()
-        future = self._pool.submit(job.func, *job.args, run_times, submitted)
-        future.add_done_callback(lambda f: self._done(job.id, f))
-
-    def _done(self, job_id: str, future: concurrent.futures.Future[Any]) -> None:
-        if future.cancelled():
-            self._run_job_success(job_id, [])
-        elif future.exception() is not None:
-            log.error("Firing of %s failed unexpectedly: %r", job_id, future.exception())
-            self._run_job_error(job_id, future.exception())
-        else:
-            self._run_job_success(job_id, [])
-
-    def shutdown(self, wait: bool = True) -> None:
-        self._pool.shutdown(wait=wait, cancel_futures=not wait)
 
 
 @dataclass(frozen=True)
@@ -92,24 +67,6 @@ def entries_of(config: Config) -> dict[str, Entry]:
     return result
 
 
-def build_scheduler(
-    pool_size: int,
-    scheduler_cls: type[BaseScheduler] = BackgroundScheduler,
-) -> BaseScheduler:
-    """An APScheduler scheduler in UTC whose jobs get their run times (see FiringExecutor).
-
-    ``coalesce`` is off and ``misfire_grace_time`` unlimited because lateness is decided
-    here, with the job's ``catch_up`` window, and recorded as ``missed`` rows; overlap is
-    the runner's (a ``skipped`` row), so APScheduler's instance cap is out of the way.
-    """
-    pool = concurrent.futures.ThreadPoolExecutor(pool_size, thread_name_prefix="firing")
-    return scheduler_cls(
-        timezone=timezone.utc,
-        executors={"default": FiringExecutor(pool)},
-        job_defaults={"coalesce": False, "misfire_grace_time": None, "max_instances": 1_000_000},
-    )
-
-
 class Daemon:
     """``te-scheduler run``."""
 
@@ -122,23 +79,27 @@ class Daemon:
         watch: bool = False,
         scheduler: BaseScheduler | None = None,
     ) -> None:
+        clock.patch_apscheduler()
         self.config = config
         self.engine = engine
         self.watch = watch
+        self.instance = instance_name()
         self._simulated = simulated
         self._connection = connection_of(config, simulated)
         self._caller = Caller(*self._connection)
         self.stop = threading.Event()
-        self.limiter = Limiter(config.api.rate_limit, self.stop)
+        self.limiter = Limiter(config.api.rate_limit, self.stop, self._shared_limits())
+        self.metrics = Metrics()
+        self.observers = Observers(self.metrics, Notifier(instance=self.instance), self.limiter)
         self.runner = Runner(
-            engine,
-            self._call,
-            self.limiter,
-            self.stop,
-            concurrency=config.api.concurrency,
-            instance=instance_name(),
+            engine, self._call, self.limiter, self.stop,
+            concurrency=config.api.concurrency, instance=self.instance, hooks=self.observers,
         )
+        self.metrics.track_in_progress(self.runner.running)
         self.scheduler = scheduler or build_scheduler(max(32, 4 * config.api.concurrency))
+        self.heartbeat = instances.Heartbeat(engine, self.instance, __version__,
+                                             instances.heartbeat_interval())
+        self._metrics_server: MetricsServer | None = None
         self._entries: dict[str, Entry] = {}
         self._wake = threading.Event()
         self._stop_requested = False
@@ -146,6 +107,7 @@ class Daemon:
         self._reload_requested = False
         self._file_state = _file_state(config.path)
         self._next_prune = clock.now()
+        self._next_sweep = clock.now()
 
     # -- lifecycle --------------------------------------------------------------------
     def run(self) -> int:
@@ -163,36 +125,27 @@ class Daemon:
 
     def start(self) -> None:
         """Clean up after a dead predecessor, catch up, and start firing."""
-        log.info(
-            'te-scheduler %s starting: config "%s", database %s, instance %s',
-            __version__,
-            self.config.path,
-            db.describe_url(str(self.engine.url)),
-            self.runner.instance,
-        )
-        self._interrupt_orphans()
-        self._catch_up()
+        log.info('te-scheduler %s starting: config "%s", database %s, instance %s',
+                 __version__, self.config.path, db.describe_url(str(self.engine.url)),
+                 self.instance)
+        now = clock.now()
+        recovery.interrupt_orphans(self.engine, me=self.instance, now=now, starting=True,
+                                   timeout=self.config.api.timeout,
+                                   stale_after=instances.stale_after())
+        instances.register(self.engine, self.instance, __version__, now)
+        self.heartbeat.start()
+        self._catch_up(now)
         self.scheduler.start()
-        self._apply(entries_of(self.config))
-        for entry in self._entries.values():
-            aps = self.scheduler.get_job(entry.id)
-            next_at = aps.next_run_time.isoformat() if aps and aps.next_run_time else "never"
-            log.info(
-                'Scheduled job "%s" test %s: next firing at %s',
-                entry.job.name,
-                entry.test_id,
-                next_at,
-            )
-        if not self._entries:
-            log.warning("No enabled jobs in %s; waiting for a reload", self.config.path)
+        self._apply(entries_of(self.config), since=now)
+        self._log_schedule()
+        self._serve_metrics()
+        sd_notify("READY=1")
 
     def shutdown(self) -> None:
         """Stop new firings, give calls in flight up to 30 s, mark the rest interrupted."""
-        log.info(
-            "Shutting down: no new firings; waiting up to %.0fs for %d firing(s)",
-            DRAIN_SECONDS,
-            self.runner.running(),
-        )
+        sd_notify("STOPPING=1")
+        log.info("Shutting down: no new firings; waiting up to %.0fs for %d firing(s)",
+                 DRAIN_SECONDS, self.runner.running())
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
         self.stop.set()
@@ -201,13 +154,16 @@ class Daemon:
         while not self._force and waited < DRAIN_SECONDS and not self.runner.wait_idle(0.5):
             waited += 0.5
         marked = history.interrupt_pending(
-            self.engine,
-            where_instance=lambda owner: owner == self.runner.instance,
-            finished_at=clock.now(),
-            error="te-scheduler stopped before the call finished",
+            self.engine, where_instance=lambda owner: owner == self.instance,
+            finished_at=clock.now(), error="te-scheduler stopped before the call finished",
         )
         if marked:
             log.warning("Marked %d unfinished attempt(s) as interrupted", marked)
+        self.heartbeat.stop()
+        self._quietly(instances.mark_stopped, self.engine, self.instance, clock.now())
+        self.observers.notifier.close(5.0)
+        if self._metrics_server:
+            self._metrics_server.stop()
         log.info("Stopped")
 
     # -- the main loop ----------------------------------------------------------------
@@ -217,8 +173,16 @@ class Daemon:
             self.reload("SIGHUP")
         elif self.watch and _file_state(self.config.path) != self._file_state:
             self.reload("file change")
-        if self.config.history.retention and clock.now() >= self._next_prune:
-            self._prune()
+        now = clock.now()
+        if now >= self._next_sweep:
+            # Look for peers that died mid-call once per heartbeat.
+            self._next_sweep = now + timedelta(seconds=instances.heartbeat_interval())
+            self._quietly(recovery.interrupt_orphans, self.engine, me=self.instance, now=now,
+                          starting=False, timeout=self.config.api.timeout,
+                          stale_after=instances.stale_after())
+        if self.config.history.retention and now >= self._next_prune:
+            self._prune(now)
+        self._sync_next_fires()
 
     def reload(self, why: str) -> bool:
         """Re-read the config; on error keep the running schedule. True when applied."""
@@ -229,9 +193,11 @@ class Daemon:
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("Reload (%s) rejected, keeping the running schedule: %s", why, problem)
+            self.metrics.config_reload(False)
             return False
         except SchedulerError as exc:
             log.error("Reload (%s) rejected, keeping the running schedule: %s", why, exc)
+            self.metrics.config_reload(False)
             return False
         self.config = replace(config, history=self.config.history)  # the database stays
         if connection != self._connection:
@@ -239,17 +205,18 @@ class Daemon:
             self._connection, self._caller = connection, Caller(*connection)
         self.limiter.budget = config.api.rate_limit
         changed = self._apply(entries_of(config))
-        log.info(
-            "Reloaded %s (%s): %d job(s), %d schedule change(s)",
-            config.path,
-            why,
-            len(config.enabled_jobs),
-            changed,
-        )
+        self.metrics.config_reload(True)
+        log.info("Reloaded %s (%s): %d job(s), %d schedule change(s)",
+                 config.path, why, len(config.enabled_jobs), changed)
         return True
 
-    def _apply(self, wanted: dict[str, Entry]) -> int:
-        """Make APScheduler's jobs match ``wanted``; unchanged timings keep their next fire."""
+    def _apply(self, wanted: dict[str, Entry], since: datetime | None = None) -> int:
+        """Make APScheduler's jobs match ``wanted``; unchanged timings keep their next fire.
+
+        ``since`` (at start) is the moment catch-up decided up to: new jobs begin with the
+        first slot at or after it, even one that passed while they were being added, so no
+        slot falls between catch-up and the schedule.
+        """
         changes = 0
         for job_id in set(self._entries) - set(wanted):
             self.scheduler.remove_job(job_id)
@@ -259,14 +226,11 @@ class Daemon:
             if old is not None and old.timing == entry.timing:
                 continue
             trigger = SpreadTrigger(build_trigger(entry.job.schedule), entry.offset)
-            self.scheduler.add_job(
-                self._on_due,
-                trigger=trigger,
-                args=(job_id,),
-                id=job_id,
-                name=job_id,
-                replace_existing=True,
-            )
+            first: dict[str, Any] = {}
+            if since is not None:
+                first["next_run_time"] = trigger.get_next_fire_time(None, since)
+            self.scheduler.add_job(self._on_due, trigger=trigger, args=(job_id,), id=job_id,
+                                   name=job_id, replace_existing=True, **first)
             changes += 1
         self._entries = wanted
         return changes
@@ -291,119 +255,97 @@ class Daemon:
         grace = max(entry.job.catch_up, timedelta(minutes=1))
         given_up = slots[:-1] if late <= grace else slots
         if given_up:
-            self._record_missed(
-                entry,
-                given_up[0],
-                given_up[-1],
-                len(given_up),
-                "te-scheduler was too late (suspended or overloaded)",
-            )
+            self._record_missed(entry.job, entry.test_id, given_up[0], given_up[-1],
+                                len(given_up), "te-scheduler was too late (suspended or "
+                                "overloaded)")
         if late <= grace:
-            self.runner.fire(
-                Firing(
-                    entry.job,
-                    entry.test_id,
-                    latest,
-                    "schedule",
-                    self._deadline(entry, latest),
-                    entry.offset,
-                )
-            )
+            self.runner.fire(Firing(entry.job, entry.test_id, latest, "schedule",
+                                    self._deadline(entry.job, latest), entry.offset))
 
-    def _deadline(self, entry: Entry, slot: datetime) -> datetime | None:
+    def _deadline(self, job: Job, slot: datetime) -> datetime | None:
         """No retry of a firing starts after the job's next firing (None: one-off, 1 h)."""
-        return build_trigger(entry.job.schedule).get_next_fire_time(slot, slot)
+        return build_trigger(job.schedule).get_next_fire_time(slot, slot)
 
-    def _catch_up(self) -> None:
-        now = clock.now()
+    def _catch_up(self, now: datetime) -> None:
         for job in self.config.enabled_jobs:
-            last = history.last_scheduled_for(self.engine, job.name)
+            last = recovery.last_accounted(self.engine, job.name)
             verdict = plan_catch_up(job.schedule, last, now, job.catch_up)
             for test in job.tests:
-                entry = Entry(job, test, timedelta(0))
                 if verdict.missed_count:
                     assert verdict.missed_first and verdict.missed_last
-                    self._record_missed(
-                        entry,
-                        verdict.missed_first,
-                        verdict.missed_last,
-                        verdict.missed_count,
-                        "te-scheduler was not running",
-                    )
+                    self._record_missed(job, test, verdict.missed_first, verdict.missed_last,
+                                        verdict.missed_count, "te-scheduler was not running",
+                                        verdict.counted_all)
                 if verdict.run:
-                    log.info(
-                        'Catching up job "%s" test %s for the slot at %s',
-                        job.name,
-                        test,
-                        verdict.run.isoformat(),
-                    )
-                    firing = Firing(
-                        job, test, verdict.run, "catch-up", self._deadline(entry, verdict.run)
-                    )
-                    threading.Thread(
-                        target=self.runner.fire,
-                        args=(firing,),
-                        name=f"catch-up {entry.id}",
-                        daemon=True,
-                    ).start()
+                    log.info('Catching up job "%s" test %s for the slot at %s', job.name, test,
+                             verdict.run.isoformat())
+                    firing = Firing(job, test, verdict.run, "catch-up",
+                                    self._deadline(job, verdict.run))
+                    threading.Thread(target=self.runner.fire, args=(firing,),
+                                     name=f"catch-up {job.name}/{test}", daemon=True).start()
 
-    def _record_missed(
-        self, entry: Entry, first: datetime, last: datetime, count: int, why: str
-    ) -> None:
-        error = f"{count} firing(s) missed from {first.isoformat()} to {last.isoformat()}: {why}"
-        key = history.AttemptKey(
-            run_id=_new_run_id(),
-            job=entry.job.name,
-            test_id=entry.test_id,
-            aid=entry.job.aid,
-            trigger="schedule",
-            scheduled_for=first,
-            attempt=1,
-            instance=self.runner.instance,
+    def _record_missed(self, job: Job, test_id: str, first: datetime, last: datetime,
+                       count: int, why: str, counted_all: bool = True) -> None:
+        error = recovery.record_missed(
+            self.engine, job=job, test_id=test_id, instance=self.instance, now=clock.now(),
+            first=first, last=last, count=count, why=why, counted_all=counted_all,
         )
-        now = clock.now()
-        history.record_attempt(
-            self.engine, key, started_at=now, finished_at=now, outcome="missed", error=error
-        )
-        log.warning('Missed job "%s" test %s: %s', entry.job.name, entry.test_id, error)
+        self.observers.missed(job, test_id, first, error)
 
     # -- housekeeping -----------------------------------------------------------------
-    def _interrupt_orphans(self) -> None:
-        """Rows left ``pending`` by a dead process become ``interrupted`` (never re-sent)."""
-        now = clock.now()
-        margin = timedelta(seconds=self.config.api.timeout) + ORPHAN_MARGIN
-        dead = {
-            row["instance"]
-            for row in history.pending_rows(self.engine)
-            if _is_dead(row["instance"]) or now - row["started_at"] > margin
-        }
-        if not dead:
-            return
-        marked = history.interrupt_pending(
-            self.engine,
-            where_instance=dead.__contains__,
-            finished_at=now,
-            error="te-scheduler stopped before the call finished; the call may have "
-            "reached the API and is not repeated",
-        )
-        log.warning(
-            "Marked %d attempt(s) left pending by %s as interrupted",
-            marked,
-            ", ".join(sorted(dead)),
-        )
+    def _log_schedule(self) -> None:
+        for entry in self._entries.values():
+            aps = self.scheduler.get_job(entry.id)
+            next_at = aps.next_run_time.isoformat() if aps and aps.next_run_time else "never"
+            log.info('Scheduled job "%s" test %s: next firing at %s', entry.job.name,
+                     entry.test_id, next_at)
+        if not self._entries:
+            log.warning("No enabled jobs in %s; waiting for a reload", self.config.path)
 
-    def _prune(self) -> None:
+    def _serve_metrics(self) -> None:
+        if not self.config.metrics.listen:
+            return
+        health = build_health(lambda: self.scheduler.running and not self.stop.is_set(),
+                              self.engine)
+        self._metrics_server = MetricsServer(self.metrics, self.config.metrics.listen,
+                                             health).start()
+        host, _ = self.config.metrics.listen
+        log.info("Serving /metrics and /healthz on %s:%d", host, self._metrics_server.port)
+
+    def _sync_next_fires(self) -> None:
+        soonest: dict[str, datetime | None] = {}
+        for entry in self._entries.values():
+            aps = self.scheduler.get_job(entry.id)
+            when = aps.next_run_time if aps else None
+            current = soonest.get(entry.job.name)
+            if current is None or (when is not None and when < current):
+                soonest[entry.job.name] = when
+        self.metrics.sync_next_fires(soonest)
+
+    def _shared_limits(self) -> instances.SharedLimits | None:
+        # Only several instances need it, and they need PostgreSQL; a single SQLite daemon
+        # should not pay a write per answer.
+        if self.engine.dialect.name == "sqlite":
+            return None
+        return instances.SharedLimits(self.engine, self._connection[1], self.instance)
+
+    def _prune(self, now: datetime) -> None:
         retention = self.config.history.retention
         assert retention is not None
-        now = clock.now()
         self._next_prune = now + timedelta(days=1)
-        try:
-            deleted = history.prune(self.engine, before=now - retention)
-        except Exception as exc:  # housekeeping must never stop the daemon
-            log.error("Pruning history failed: %s", exc)
-            return
+        deleted = self._quietly(history.prune, self.engine, before=now - retention)
+        self._quietly(instances.forget_instances, self.engine, now - max(retention,
+                                                                          timedelta(days=7)))
         if deleted:
             log.info("Pruned %d history row(s) older than %s", deleted, retention)
+
+    def _quietly(self, action: Any, *args: Any, **kwargs: Any) -> Any:
+        """Housekeeping: log a failure, never let it stop the daemon."""
+        try:
+            return action(*args, **kwargs)
+        except Exception as exc:
+            log.error("%s failed: %s", getattr(action, "__name__", action), exc)
+            return None
 
     def _install_signals(self) -> None:
         signal.signal(signal.SIGTERM, self._on_stop_signal)
@@ -422,29 +364,6 @@ class Daemon:
         self._wake.set()
 
 
-# A pending row older than the request timeout plus this is an orphan even when its owner
-# cannot be checked (another host): no call of ours stays open that long.
-ORPHAN_MARGIN = timedelta(hours=1)
-
-
-def _is_dead(instance: str) -> bool:
-    """True when ``instance`` (host:pid) is a process on this host that no longer exists."""
-    import socket
-
-    host, _, pid = instance.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    if int(pid) == os.getpid():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
 def _file_state(path: Path) -> tuple[Any, ...]:
     """What changes when a config file is edited, renamed over, or its symlink swapped."""
     try:
@@ -452,12 +371,6 @@ def _file_state(path: Path) -> tuple[Any, ...]:
         return (os.path.realpath(path), stat.st_ino, stat.st_mtime_ns, stat.st_size)
     except OSError:
         return ("missing",)
-
-
-def _new_run_id() -> str:
-    import uuid
-
-    return uuid.uuid4().hex
 
 
 def connection_of(config: Config, simulated: tuple[str, str] | None) -> tuple[ApiConfig, str]:

@@ -20,9 +20,10 @@ from __future__ import annotations
 import heapq
 import itertools
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any, Protocol
 
 from scheduler import clock
 from scheduler.client import CallResult, RateLimitBucket
@@ -68,6 +69,10 @@ class _ServerBucket:
     def on_answer(self, info: RateLimitBucket, in_flight: int, now: float) -> None:
         if info.limit is not None:
             self.limit = info.limit
+        if info.reset is not None and info.reset + RESET_MARGIN <= now:
+            # A window that has already closed (a stale answer, a proxy's cached headers): its
+            # Remaining says nothing about the current one and must not freeze the token.
+            return
         # Within a window we know about, our own count (decremented on every send) is exact
         # for our calls and answers arrive out of order, so the estimate only goes down. An
         # answer from a window we did not see open (another client rolled it) replaces the
@@ -88,6 +93,14 @@ class _ServerBucket:
             self.opened = now
 
 
+class SharedView(Protocol):
+    """Rate-limit state shared with other instances (``instances.SharedLimits``)."""
+
+    def publish(self, buckets: Iterable[RateLimitBucket], paused_until: float | None) -> None: ...
+
+    def read(self) -> Mapping[str, Any]: ...
+
+
 @dataclass
 class Permit:
     """One granted call; hand it back to :meth:`Limiter.complete` with the result."""
@@ -105,9 +118,12 @@ class _Waiter:
 class Limiter:
     """Paces every call that shares one token."""
 
-    def __init__(self, budget: Rate, stop: threading.Event) -> None:
+    def __init__(
+        self, budget: Rate, stop: threading.Event, shared: SharedView | None = None
+    ) -> None:
         self.budget = budget
         self._stop = stop
+        self._shared = shared
         self._lock = threading.Condition()
         self._queue: list[_Waiter] = []
         self._seq = itertools.count()
@@ -132,6 +148,7 @@ class Limiter:
                     if self._is_probing() and self._in_flight:
                         self._lock.wait(1.0)  # the probe's answer notifies us
                         continue
+                    self._merge_shared(clock.epoch())
                     delay = self._delay(clock.epoch())
                     if delay <= 0:
                         return self._grant(waiter)
@@ -145,14 +162,18 @@ class Limiter:
 
     def complete(self, permit: Permit, result: CallResult | None) -> None:
         """Learn from the answer (headers, 429) and free the in-flight slot."""
+        limited = result is not None and result.status_code == 429
         with self._lock:
             self._in_flight -= 1
             if result is not None and result.status_code is not None:
                 self._answered = True
                 self._learn(result.buckets)
-                if result.status_code == 429:
+                if limited:
                     self._pause(result.buckets)
+            paused_until = self._paused_until if limited else None
             self._lock.notify_all()
+        if self._shared and result is not None and (result.buckets or limited):
+            self._shared.publish(result.buckets, paused_until)  # outside the lock: a DB write
 
     def wake(self) -> None:
         """Make waiters re-check (used on shutdown)."""
@@ -203,6 +224,19 @@ class Limiter:
             self._buckets.setdefault(info.name, _ServerBucket()).on_answer(
                 info, self._in_flight, now
             )
+
+    def _merge_shared(self, now: float) -> None:
+        """Fold in what other instances on this token learned (their answers and 429s)."""
+        if self._shared is None:
+            return
+        for name, view in self._shared.read().items():
+            if view.paused_until is not None and view.paused_until > now:
+                self._paused_until = max(self._paused_until, min(view.paused_until,
+                                                                 now + MAX_PAUSE))
+            if view.remaining is not None and view.reset is not None and name != "pause":
+                bucket = self._buckets.setdefault(name, _ServerBucket())
+                info = RateLimitBucket(name, None, view.remaining, view.reset)
+                bucket.on_answer(info, self._in_flight, now)
 
     def _pause(self, reported: Iterable[RateLimitBucket]) -> None:
         now = clock.epoch()

@@ -47,7 +47,7 @@ def add_secret(secret: str) -> None:
 class TextFormatter(logging.Formatter):
     """``2026-11-27T06:00:00.123Z INFO scheduler.runner message``."""
 
-    converter = time.gmtime
+    converter = time.gmtime  # type: ignore[assignment]  # typeshed narrows gmtime's argument
 
     def __init__(self) -> None:
         super().__init__(

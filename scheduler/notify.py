@@ -132,7 +132,7 @@ class Notifier:
                 message = self._advance(key, outcome, error, when, cfg.after)
         if cfg.ping_url and outcome not in NEUTRAL:
             suffix = "" if outcome == "success" else "fail"
-            body = f"{job} test {test_id}: {outcome}" + (f": {error}" if error else "")
+            body = f"{job} test {test_id}: {outcome}" + (f": {error[:ERROR_CAP]}" if error else "")
             self._enqueue(_Send("POST", _ping(cfg.ping_url, suffix, rid), cfg.timeout, body=body))
         if message is not None and cfg.webhook:
             self._enqueue(_Send("POST", cfg.webhook, cfg.timeout, json=message))

@@ -57,6 +57,22 @@ class Firing:
         return (self.job.name, self.test_id)
 
 
+class Hooks:
+    """What the runner tells the outside world (metrics, notifications); no-ops by default.
+
+    Hooks are called on the firing's thread and must not raise or block for long.
+    """
+
+    def claimed(self, firing: Firing) -> None:
+        """This instance owns the firing (attempt 1 is recorded); its first call comes next."""
+
+    def attempted(self, firing: Firing, attempt: int, result: CallResult, lag: float) -> None:
+        """One HTTP attempt finished; ``lag`` is its start minus the planned moment."""
+
+    def finished(self, firing: Firing, outcome: str, error: str | None) -> None:
+        """The firing ended: ``outcome`` is the last row's, or ``skipped``/``claimed-elsewhere``."""
+
+
 class Runner:
     """Runs firings; shared by the daemon and ``te-scheduler trigger``."""
 
@@ -69,14 +85,14 @@ class Runner:
         *,
         concurrency: int = 8,
         instance: str | None = None,
-        observer: Callable[[Firing, int, CallResult, float], None] | None = None,
+        hooks: Hooks | None = None,
     ) -> None:
         self.engine = engine
         self.send = send
         self.limiter = limiter
         self.stop = stop
         self.instance = instance or instance_name()
-        self.observer = observer
+        self.hooks = hooks or Hooks()
         self._in_flight = threading.BoundedSemaphore(concurrency)
         self._running: dict[tuple[str, str], str] = {}  # (job, test) -> run_id
         self._lock = threading.Lock()
@@ -94,13 +110,18 @@ class Runner:
             if previous is None:
                 self._running[firing.key] = run_id
         if previous is not None:
-            return self._skip(firing, run_id, previous)
+            outcome = self._skip(firing, run_id, previous)
+            self.hooks.finished(firing, outcome, None)
+            return outcome
+        outcome, error = "not-recorded", None
         try:
-            return self._run(firing, run_id)
+            outcome, error = self._run(firing, run_id)
+            return outcome
         finally:
             with self._lock:
                 del self._running[firing.key]
                 self._idle.notify_all()
+            self.hooks.finished(firing, outcome, error)
 
     def running(self) -> int:
         """How many firings are in progress."""
@@ -119,7 +140,8 @@ class Runner:
         return True
 
     # -- one firing -------------------------------------------------------------------
-    def _run(self, firing: Firing, run_id: str) -> str:
+    def _run(self, firing: Firing, run_id: str) -> tuple[str, str | None]:
+        """The firing's final outcome and the last attempt's error."""
         attempt, failures = 1, 0
         key = self._key(firing, run_id, 1)
         row_id = self._write(history.start_attempt, self.engine, key, clock.now())
@@ -130,7 +152,7 @@ class Runner:
                 firing.test_id,
                 firing.scheduled_for.isoformat(),
             )
-            return "not-recorded"
+            return "not-recorded", "its history row could not be written"
         if row_id is None:
             log.debug(
                 'Firing of job "%s" test %s at %s claimed by another instance',
@@ -138,21 +160,23 @@ class Runner:
                 firing.test_id,
                 firing.scheduled_for.isoformat(),
             )
-            return "claimed-elsewhere"
+            return "claimed-elsewhere", None
+        self.hooks.claimed(firing)
         while True:
             result = self._attempt(firing, run_id, row_id, attempt)
             if result is None:
-                return "interrupted"
+                return "interrupted", "shut down before the call was sent"
+            done = (result.outcome, result.error)
             if result.outcome == "success" or not self._should_retry(result, failures, firing):
-                return result.outcome
+                return done
             if result.status_code != 429:  # a 429 waits in the limiter, free of charge
                 failures += 1
                 if not self._back_off(firing, failures):
-                    return result.outcome
+                    return done
             attempt += 1
             row_id = self._start_retry(firing, run_id, attempt)
             if row_id is None:
-                return result.outcome
+                return done
 
     def _attempt(self, firing: Firing, run_id: str, row_id: int, attempt: int) -> CallResult | None:
         permit = self.limiter.acquire(firing.scheduled_for)
@@ -169,8 +193,7 @@ class Runner:
         assert result is not None
         self._log_attempt(firing, run_id, attempt, result, lag)
         self._finish(row_id, result.outcome, result.status_code, result.error, result.duration_ms)
-        if self.observer:
-            self.observer(firing, attempt, result, lag)
+        self.hooks.attempted(firing, attempt, result, lag)
         return result
 
     def _should_retry(self, result: CallResult, failures: int, firing: Firing) -> bool:

@@ -38,6 +38,7 @@ from sqlalchemy.engine import URL
 # every other role is trusted on loopback.
 PASSWORD_ROLE = "te_password_user"
 THROWAWAY_USER = "te-pgtest"
+_SERVER_USERS = ("postgres", THROWAWAY_USER)  # the first that exists, else THROWAWAY_USER is made
 _START_TRIES = 3
 
 
@@ -110,7 +111,7 @@ def _server_user() -> str:
     """The account the cluster runs as: ourselves, or a non-root one when we are root."""
     if os.geteuid() != 0:
         return pwd.getpwuid(os.geteuid()).pw_name
-    for name in ("postgres", THROWAWAY_USER):
+    for name in _SERVER_USERS:
         with contextlib.suppress(KeyError):
             pwd.getpwnam(name)
             return name

@@ -10,8 +10,9 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
+import yaml
 
-from scheduler import config
+from scheduler import config, messages, yamlsource
 from scheduler.config import (
     ApiConfig,
     Rate,
@@ -137,7 +138,7 @@ EXACT = [
     ("top-typo", "jbos: []\n" + JOB, ["1:1: jbos: unknown key; did you mean 'jobs'?"]),
     ("top-unknown", "colour: red\n" + JOB, ["1:1: colour: unknown key; allowed keys are "
                                             "version, api, history, metrics, defaults, jobs"]),
-    ("top-token", f"token: {TOKEN}\n" + JOB, [f"1:1: token: {config._NO_TOKEN}"]),
+    ("top-token", f"token: {TOKEN}\n" + JOB, [f"1:1: token: {messages.NO_TOKEN}"]),
     ("jobs-missing", "version: 1\n",
      ["1:1: jobs: at least one job is required (each with name, tests, schedule)"]),
     ("jobs-empty", "jobs: []\n",
@@ -148,7 +149,7 @@ EXACT = [
      ["1:7: jobs: at least one job is required (each with name, tests, schedule), got 'x'"]),
     ("job-scalar", "jobs:\n  - x\n", ["2:5: jobs[0]: must be a mapping with keys name, tests, "
                                       "schedule, enabled, aid, timezone, retry, catch_up, "
-                                      "spread, got 'x'"]),
+                                      "spread, notify, got 'x'"]),
     # -- api
     ("api-list", "api: [1]\n" + JOB, ["1:6: api: must be a mapping with keys base_url, "
                                       "token_env, token_file, timeout, concurrency, rate_limit, "
@@ -161,7 +162,7 @@ EXACT = [
     ("url-credentials", "api:\n  base_url: https://u:p@example.com\n" + JOB,
      ["2:13: api.base_url: must be a plain https:// URL without credentials, query or "
       "fragment"]),
-    ("inline-token", f"api:\n  token: {TOKEN}\n" + JOB, [f"2:3: api.token: {config._NO_TOKEN}"]),
+    ("inline-token", f"api:\n  token: {TOKEN}\n" + JOB, [f"2:3: api.token: {messages.NO_TOKEN}"]),
     ("token-in-token-env", f"api:\n  token_env: {TOKEN}\n" + JOB,
      ["2:14: api.token_env: must be the name of an environment variable (letters, digits, _), "
       "not the token itself"]),
@@ -253,7 +254,7 @@ EXACT = [
      ["2:8: defaults.aid: must be digits only (an id like 105), got 'abc'"]),
     ("defaults-unknown", "defaults:\n  enabled: false\n" + JOB,
      ["2:3: defaults.enabled: unknown key; allowed keys are aid, timezone, retry, catch_up, "
-      "spread"]),
+      "spread, notify"]),
     # -- jobs
     ("name-missing", "jobs:\n  - tests: [1]\n    schedule: {every: 1h}\n",
      ["2:5: jobs[0].name: is required (letters, digits, '.', '_', '-')"]),
@@ -330,7 +331,7 @@ EXACT = [
      ["5:14: jobs[0].enabled: must be true or false, got 1"]),
     ("job-typo", job("    shedule: x\n"),
      ["5:5: jobs[0].shedule: unknown key; did you mean 'schedule'?"]),
-    ("job-token", job(f"    token: {TOKEN}\n"), [f"5:5: jobs[0].token: {config._NO_TOKEN}"]),
+    ("job-token", job(f"    token: {TOKEN}\n"), [f"5:5: jobs[0].token: {messages.NO_TOKEN}"]),
     ("job-retry", job("    retry: {attempts: 99}\n"),
      ["5:23: jobs[0].retry.attempts: must be a whole number from 1 to 20, got 99"]),
     ("job-spread", job("    spread: -5s\n"),
@@ -339,8 +340,18 @@ EXACT = [
 ]
 
 
+@pytest.fixture(params=["libyaml", "pure-python"])
+def parser(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both PyYAML parsers: libyaml when installed, the pure-Python one as the fallback."""
+    if request.param == "pure-python":
+        monkeypatch.setattr(yamlsource, "_Loader", yaml.SafeLoader)
+    elif not yaml.__with_libyaml__:
+        pytest.skip("PyYAML without libyaml")
+    return str(request.param)
+
+
 @pytest.mark.parametrize(("text", "expected"), [pytest.param(t, e, id=i) for i, t, e in EXACT])
-def test_each_problem_is_located_and_explained(tmp_path: Path, text: str,
+def test_each_problem_is_located_and_explained(tmp_path: Path, parser: str, text: str,
                                                expected: list[str]) -> None:
     assert problems(tmp_path, text) == expected
 
@@ -360,7 +371,7 @@ SYNTAX = [
 
 @pytest.mark.parametrize(("text", "where", "phrase"),
                          [pytest.param(t, w, p, id=i) for i, t, w, p in SYNTAX])
-def test_syntax_errors_point_at_the_problem(tmp_path: Path, text: str, where: str,
+def test_syntax_errors_point_at_the_problem(tmp_path: Path, parser: str, text: str, where: str,
                                             phrase: str) -> None:
     (line,) = problems(tmp_path, text)
     assert line.startswith(where) and phrase in line, line
@@ -465,7 +476,7 @@ def test_alias_bomb_under_a_known_key_is_stopped(tmp_path: Path) -> None:
 def test_message_quoting_an_alias_does_not_expand_it(tmp_path: Path) -> None:
     big = "[" + ", ".join(["x"] * 1000) + "]"
     text = (f"defaults:\n  aid: &s '{'y' * 5000}'\n  timezone: &l {big}\n"
-            "jobs:\n  - name: *s\n    tests: *l\n    schedule: {every: *l}\n")
+            "jobs:\n  - name: *s\n    tests: [1]\n    schedule: {every: *l}\n")
     lines = problems(tmp_path, text)
     assert all(len(line) < 200 for line in lines), lines
     assert lines[0] == ("2:8: defaults.aid: must be digits only (an id like 105), "
@@ -473,6 +484,21 @@ def test_message_quoting_an_alias_does_not_expand_it(tmp_path: Path) -> None:
     assert lines[1].endswith("defaults.timezone: must be an IANA timezone name like UTC or "
                              "Europe/Berlin, got a list")
     assert "jobs[0].schedule.every: must be a duration" in lines[-1]
+
+
+def test_node_cap_counts_written_values_too(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(yamlsource, "MAX_NODES", 1000)
+    (line,) = problems(tmp_path, "jobs: [" + "1, " * 1200 + "1]\n")
+    assert line.startswith("1:2999: the document expands to more than 1,000 values")
+
+
+def test_problem_list_is_capped(tmp_path: Path) -> None:
+    lines = problems(tmp_path, job(tests="[" + "x, " * 300 + "x]"))
+    assert len(lines) == 101
+    assert lines[:2] == ["3:13: jobs[0].tests[0]: must be digits only (an id like 105), got 'x'",
+                         "3:16: jobs[0].tests[1]: must be digits only (an id like 105), got 'x'"]
+    assert lines[-1] == "3:310: and 201 more problems not shown"
 
 
 def test_aliases_and_merge_keys_share_settings(tmp_path: Path) -> None:

@@ -16,7 +16,8 @@ import pytest
 from apscheduler.schedulers.base import BaseScheduler
 
 from scheduler import clock, config, history
-from scheduler.daemon import Daemon, FiringExecutor
+from scheduler.daemon import Daemon
+from scheduler.executor import FiringExecutor
 from scheduler.planner import build_plan
 from tests.conftest import TOKEN, write_config
 

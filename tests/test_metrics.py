@@ -59,6 +59,10 @@ def scrape(base: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
+def attempts(samples: dict[Any, float], job: str, outcome: str) -> float:
+    return samples[("te_scheduler_attempts_total", (("job", job), ("outcome", outcome)))]
+
+
 def test_spec_metric_names_and_types(serve: Serve) -> None:
     _, _, base = serve()
     text = requests.get(f"{base}/metrics", timeout=5).text
@@ -84,10 +88,9 @@ def test_counters_and_histograms_have_exact_values(serve: Serve) -> None:
     metrics.lag(-0.5)  # early by rounding: counts as 0
     metrics.lag(7200.0)
     samples = scrape(base)
-    assert samples[("te_scheduler_attempts_total", (("job", "nightly"), ("outcome", "success")))] == 2
-    assert samples[("te_scheduler_attempts_total",
-                    (("job", "nightly"), ("outcome", "rate_limited")))] == 1
-    assert samples[("te_scheduler_attempts_total", (("job", "hourly"), ("outcome", "missed")))] == 1
+    assert attempts(samples, "nightly", "success") == 2
+    assert attempts(samples, "nightly", "rate_limited") == 1
+    assert attempts(samples, "hourly", "missed") == 1
     codes = {k[1]: v for k, v in samples.items() if k[0] == "te_scheduler_http_responses_total"}
     assert codes == {(("code", "200"),): 2, (("code", "429"),): 1}
     duration = "te_scheduler_request_duration_seconds"
@@ -131,7 +134,7 @@ def test_gauges_set_and_remove(serve: Serve, fake_clock: clock.FakeClock) -> Non
     assert last_success not in samples
     assert ("te_scheduler_rate_limit_remaining", (("bucket", "organization"),)) not in samples
     # counters survive a removed job: Prometheus rate() must not see a reset
-    assert samples[("te_scheduler_attempts_total", (("job", "nightly"), ("outcome", "success")))]
+    assert attempts(samples, "nightly", "success") == 1
 
 
 def test_sync_next_fires_drops_jobs_that_are_gone(serve: Serve) -> None:
@@ -149,8 +152,8 @@ def test_observe_attempt_matches_the_runner_observer(serve: Serve) -> None:
     metrics.observe_attempt("web", 1, CallResult(502, "http_error", "Bad Gateway", 120), 0.25)
     metrics.observe_attempt("web", 2, CallResult(None, "timeout", "timed out", 30_000), 9.0)
     samples = scrape(base)
-    assert samples[("te_scheduler_attempts_total", (("job", "web"), ("outcome", "http_error")))] == 1
-    assert samples[("te_scheduler_attempts_total", (("job", "web"), ("outcome", "timeout")))] == 1
+    assert attempts(samples, "web", "http_error") == 1
+    assert attempts(samples, "web", "timeout") == 1
     assert samples[("te_scheduler_http_responses_total", (("code", "502"),))] == 1
     assert samples[("te_scheduler_request_duration_seconds_count", ())] == 2
     assert samples[("te_scheduler_request_duration_seconds_sum", ())] == pytest.approx(30.12)

@@ -51,7 +51,7 @@ def test_upgrade_empty_database_to_head_without_drift(empty: sa.Engine) -> None:
     assert db.current(empty) is None
     assert not db.is_at_head(empty)
     db.upgrade(empty)
-    assert db.current(empty) == db.head() == "0001"
+    assert db.current(empty) == db.head() == "0002"
     assert db.is_at_head(empty)
     check(empty)  # raises on any difference between the migration and history.metadata
     db.ensure_ready(empty)
@@ -95,7 +95,7 @@ def test_downgrade_to_base_removes_the_table_and_upgrade_restores_it(engine: sa.
 def test_ensure_ready_on_an_empty_database_says_how_to_fix_it(empty: sa.Engine) -> None:
     with pytest.raises(
         DatabaseError,
-        match=r"not migrated \(at base, head is 0001\); run "
+        match=r"not migrated \(at base, head is 0002\); run "
         r"`te-scheduler db upgrade`",
     ):
         db.ensure_ready(empty)
@@ -252,4 +252,4 @@ def test_wheel_carries_the_migrations_and_can_upgrade(tmp_path: Path) -> None:
         env={**os.environ, "PYTHONPATH": str(site)},
     )
     assert ran.returncode == 0, ran.stderr
-    assert ran.stdout.split() == [str(site / "scheduler" / "migrations"), "0001"]
+    assert ran.stdout.split() == [str(site / "scheduler" / "migrations"), "0002"]

@@ -1,0 +1,52 @@
+"""Where the daemon reports what happened: Prometheus metrics and failure notifications.
+
+:class:`Observers` is the runner's :class:`~scheduler.runner.Hooks`, plus the two events the
+runner never sees (slots given up as ``missed``, rows marked ``interrupted``), so every
+row of the ``attempts`` table is counted once in ``te_scheduler_attempts_total``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from scheduler.client import CallResult
+from scheduler.config import Job
+from scheduler.limiter import Limiter
+from scheduler.metrics import Metrics
+from scheduler.notify import Notifier
+from scheduler.runner import Firing, Hooks
+
+# Outcomes of fire() that wrote no attempt row of their own through attempted().
+_ROW_WITHOUT_ATTEMPT = ("skipped", "interrupted")
+# Outcomes that say nothing about whether the test's reruns work.
+_NOT_A_VERDICT = ("claimed-elsewhere",)
+
+
+class Observers(Hooks):
+    """Feeds metrics and the notifier from the runner and the daemon."""
+
+    def __init__(self, metrics: Metrics, notifier: Notifier, limiter: Limiter) -> None:
+        self.metrics = metrics
+        self.notifier = notifier
+        self.limiter = limiter
+
+    def claimed(self, firing: Firing) -> None:
+        self.notifier.firing_started(firing.job.name, firing.test_id, firing.job.notify)
+
+    def attempted(self, firing: Firing, attempt: int, result: CallResult, lag: float) -> None:
+        self.metrics.observe_attempt(firing.job.name, attempt, result, lag)
+        self.metrics.rate_limits(self.limiter.snapshot())
+
+    def finished(self, firing: Firing, outcome: str, error: str | None) -> None:
+        if outcome in _ROW_WITHOUT_ATTEMPT:
+            self.metrics.attempt(firing.job.name, outcome)
+        if outcome not in _NOT_A_VERDICT:
+            self.notifier.firing_finished(
+                firing.job.name, firing.test_id, outcome, error, firing.scheduled_for,
+                firing.job.notify,
+            )
+
+    def missed(self, job: Job, test_id: str, first: datetime, error: str) -> None:
+        """Slots given up on (downtime or lateness): one ``missed`` row was written."""
+        self.metrics.attempt(job.name, "missed")
+        self.notifier.firing_finished(job.name, test_id, "missed", error, first, job.notify)

@@ -1,0 +1,63 @@
+"""`python -m bench --quick` runs every scenario at tiny sizes and writes its report.
+
+Only that it runs and reports is checked, never a timing: CI machines vary too much.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+SECTIONS = {
+    "server": "## 0. The local servers' ceilings",
+    "lag": "## 1. Firing lag",
+    "cost": "## 2. Per-attempt cost",
+    "makespan": "## 3. Rate-limited makespan",
+    "scale": "## 4. Scale and idle",
+    "history": "## 5. History at size",
+    "profile": "## 7. Where te-scheduler's time goes",
+}
+
+
+def _sections(text: str) -> dict[str, str]:
+    """Each '## ' section of the report by its heading line."""
+    parts = re.split(r"^(?=## )", text, flags=re.MULTILINE)
+    return {part.splitlines()[0]: part for part in parts if part.startswith("## ")}
+
+
+@pytest.mark.timeout(120)
+def test_quick_mode_reports_every_scenario_with_tables_and_ratios(tmp_path: Path):
+    out = tmp_path / "report"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--output", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=110,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (out / "RESULTS.md").read_text()
+    assert "Machine:" in report and "Date:" in report and "python -m bench --quick" in report
+    sections = _sections(report)
+    for heading in SECTIONS.values():
+        assert heading in sections, f"missing {heading!r}"
+        body = sections[heading]
+        assert re.search(r"^\| .+ \|$", body, re.MULTILINE), f"no table in {heading!r}"
+        assert re.search(r"^\|---", body, re.MULTILINE), f"no table rule in {heading!r}"
+        assert re.search(r"^- Ratio, .+: (\d[\d,]*\.\d\d|-)x", body, re.MULTILINE), (
+            f"no ratio line in {heading!r}"
+        )
+    # The same figures are kept as JSON beside the report, one entry per scenario.
+    data = json.loads((out / "RESULTS.json").read_text())
+    assert set(data["sections"]) == set(SECTIONS)
+    # The ratios are printed as the run goes, too.
+    assert proc.stdout.count("- Ratio, ") >= len(SECTIONS)
+    # No scenario's target table is missing its verdicts.
+    assert "## Targets at a glance" in report
+    assert re.search(r"\*\*(met|MISSED)\*\*", report)
