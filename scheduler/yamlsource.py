@@ -337,7 +337,9 @@ class _Builder:
         else:
             key, top.key = top.key, _NO_KEY
             if key is _MERGE:
-                top.merges = [*(top.merges or ()), (value, where)]
+                if top.merges is None:
+                    top.merges = []
+                top.merges.append((value, where))
             elif key is not _BAD_KEY:
                 top.value[key] = value
                 self.doc.values[path] = where
