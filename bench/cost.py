@@ -85,6 +85,16 @@ def _throughput(settings: Settings, section: Section) -> None:
          "server busy"],
         rows, f"{burst} calls due at once",
     )
+    te_cpu = [row[5] for row in rows if row[1] == "te-scheduler"]
+    te_rate = [row[4] for row in rows if row[1] == "te-scheduler"]
+    if te_cpu:
+        ceiling = 1e6 / (sum(te_cpu) / len(te_cpu))
+        section.notes.append(
+            f"te-scheduler's CPU per attempt in the bursts ({sum(te_cpu) / len(te_cpu):,.0f} "
+            f"us) allows at most {ceiling:,.0f} attempts a second on one core (one process, "
+            f"one GIL); it reached {min(te_rate):,.0f}-{max(te_rate):,.0f}/s whatever the "
+            "concurrency, so it is bound by its own CPU, not by the server or the workers."
+        )
 
 
 def _label(side: str) -> str:

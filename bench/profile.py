@@ -174,7 +174,7 @@ def run(settings: Settings) -> Section:
     section = Section("profile", "7. Where te-scheduler's time goes", "python -m bench",
                       intro=prose(__doc__))
     workdir = settings.case_dir("profile")
-    startup_jobs = 200 if settings.quick else 10_000
+    startup_jobs = 200 if settings.quick else 2_000
     with Server(workdir, "profile") as server:
         attempt = _child("attempt", server.url, settings.profile_attempts, workdir)
         startup = _child("startup", server.url, startup_jobs, workdir)

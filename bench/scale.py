@@ -147,7 +147,7 @@ def _report(section: Section, settings: Settings, starts: dict[tuple[str, int], 
                     "idle_cpu_pct": idle_pct, "threads": a.threads}
             section.data[f"{side}-{n}"] = data
             rows.append([n, "te-scheduler" if side == "te" else "bare script",
-                         data["startup_s"], a.rss_mb, a.hwm_mb, idle_pct, a.threads])
+                         data["startup_s"], a.rss_mb, a.hwm_mb, f"{idle_pct:.2f}", a.threads])
         te, bare = section.data[f"te-{n}"], section.data[f"bare-{n}"]
         section.ratio(f"te-scheduler / bare start-up with {n:,} jobs",
                       ratio(te["startup_s"], bare["startup_s"]))

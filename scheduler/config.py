@@ -10,22 +10,19 @@ re-exported for the CLI.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from scheduler.errors import ConfigError, ConfigProblem, TokenError
 from scheduler.messages import Key, describe, is_secret, path_text, unknown_key
+from scheduler.notify import NotifyConfig
 from scheduler.values import Convert, Invalid, Rate, T, parse_duration, parse_rate, parse_when
 from scheduler.yamlsource import MAX_PROBLEMS, Doc, Where, read_document
-
-if TYPE_CHECKING:  # scheduler.notify imports requests: ~100 ms that importing config skips
-    from scheduler.notify import NotifyConfig
 
 __all__ = ["ApiConfig", "Config", "HistoryConfig", "Job", "MetricsConfig",
            "Rate", "RetryPolicy", "Schedule", "load", "load_token", "parse_duration",
@@ -36,14 +33,6 @@ log = logging.getLogger(__name__)
 MAX_TOKEN_BYTES = 64 * 1024
 DEFAULT_TOKEN_ENV = "THOUSANDEYES_TOKEN"
 _DEFAULT_RATE = Rate(24, 60.0)  # 24/min, the default of SPEC section 3
-
-
-@functools.cache
-def _no_notify() -> NotifyConfig:
-    """A job's notify settings when jobs.yaml has none: imported on first use (see above)."""
-    from scheduler.notify import NotifyConfig
-
-    return NotifyConfig()
 
 
 # -- the public types -----------------------------------------------------------------------------
@@ -80,7 +69,7 @@ class Job:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     catch_up: timedelta = timedelta(hours=1)
     spread: timedelta = timedelta(0)
-    notify: NotifyConfig = field(default_factory=_no_notify)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
     line: int = 0  # where the job starts in the file, for log messages
 
 
@@ -223,8 +212,8 @@ class Checker:
     def mapping(self, path: Key, value: Any, allowed: tuple[str, ...]) -> dict[str, Any] | None:
         """``value`` if it is a mapping (its unknown keys reported), else None (reported)."""
         if not isinstance(value, dict):
-            self.error(path, f"must be a mapping with keys {', '.join(allowed)}, "
-                             f"got {describe(value)}")
+            got = "text" if isinstance(value, str) and is_secret(path) else describe(value)
+            self.error(path, f"must be a mapping with keys {', '.join(allowed)}, got {got}")
             return None
         for key in value:
             if key not in allowed:

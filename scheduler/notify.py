@@ -23,12 +23,13 @@ import threading
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import requests
-
 from scheduler import __version__
+
+if TYPE_CHECKING:  # requests costs ~100 ms to import; config loading must not pay it
+    import requests
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,8 @@ class Notifier:
 
     def __init__(self, session: requests.Session | None = None, *,
                  instance: str | None = None) -> None:
+        import requests
+
         self._session = session or requests.Session()
         self._own_session = session is None
         self._session.headers.setdefault("User-Agent", USER_AGENT)
@@ -227,6 +230,8 @@ class Notifier:
             self._deliver(send)
 
     def _deliver(self, send: _Send) -> None:
+        import requests
+
         try:
             response = self._session.request(
                 send.method, send.url, json=send.json,

@@ -78,6 +78,7 @@ class _Defaults:
 
 
 def build_config(ck: Checker, path: Path, root: Any) -> Config | None:
+    """The Config that ``root`` (the document's values) describes; None when it has no shape."""
     if root is None and ck.problems:
         return None
     if not isinstance(root, dict):

@@ -280,7 +280,7 @@ def as_cron(value: Any) -> str:
     return value
 
 
-@functools.lru_cache(maxsize=512)
+@functools.lru_cache(maxsize=4096)  # crons repeat: one check per distinct expression
 def _check_cron(expr: str) -> str:
     from scheduler.triggers import check_cron  # triggers imports config, which imports us
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
+import sys
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -24,6 +26,7 @@ from scheduler.config import (
     parse_when,
 )
 from scheduler.errors import ConfigError, TokenError
+from scheduler.notify import NotifyConfig
 
 REPO_EXAMPLE = Path(__file__).resolve().parent.parent / "jobs.yaml"
 TOKEN = "5d5e2a1c-1234-4bcd-9f00-abcdef012345"
@@ -114,7 +117,7 @@ EXACT = [
     ("null-key", job("    null: x\n"), ["5:5: jobs[0]: keys must be text, got null"]),
     ("list-key", job("    ? [1, 2]\n    : x\n"), ["5:7: jobs[0]: keys must be text, got a list"]),
     ("deep-nesting", "jobs: " + "{a: " * 150 + "1" + "}" * 150 + "\n",
-     ["1:403: nesting is deeper than 100 levels"]),
+     ["1:83: nesting is deeper than 20 levels"]),
     ("two-documents", JOB + "---\n" + JOB,
      ["5:1: only one YAML document is allowed; remove the second '---'"]),
     ("undefined-alias", "jobs: *nope\n", ["1:7: jobs: alias *nope is not defined above"]),
@@ -252,6 +255,11 @@ EXACT = [
       "a bare number has no unit, got 5"]),
     ("aid-text", "defaults:\n  aid: abc\n" + JOB,
      ["2:8: defaults.aid: must be digits only (an id like 105), got 'abc'"]),
+    ("defaults-notify-after", "defaults:\n  notify: {after: 0}\n" + JOB,
+     ["2:19: defaults.notify.after: must be a whole number of failed firings, 1 or more"]),
+    ("defaults-notify-null", "defaults:\n  notify:\n" + JOB,
+     ["2:10: defaults.notify: must be a mapping with keys webhook, after, ping_url, timeout, "
+      "got null"]),
     ("defaults-unknown", "defaults:\n  enabled: false\n" + JOB,
      ["2:3: defaults.enabled: unknown key; allowed keys are aid, timezone, retry, catch_up, "
       "spread, notify"]),
@@ -285,6 +293,12 @@ EXACT = [
      ["3:13: jobs[0].tests[0]: must be digits only (an id like 105), got '1_000'"]),
     ("test-duplicate", job(tests="[1, '1']"),
      ["3:16: jobs[0].tests[1]: duplicate test id 1 in this job"]),
+    ("test-id-long", job(tests="[123456789012345678901]"),
+     ["3:13: jobs[0].tests[0]: must be an id of at most 20 digits, got a very large number"]),
+    ("test-id-long-text", job(tests="['000000000000000000105']"),
+     ["3:13: jobs[0].tests[0]: must be an id of at most 20 digits, got '000000000000000000105'"]),
+    ("aid-long", job("    aid: '123456789012345678901'\n"),
+     ["5:10: jobs[0].aid: must be an id of at most 20 digits, got '123456789012345678901'"]),
     ("aid-bool", job("    aid: true\n"),
      ["5:10: jobs[0].aid: must be digits only (an id like 105), got true"]),
     ("schedule-missing", "jobs:\n  - name: a\n    tests: [1]\n",
@@ -334,6 +348,35 @@ EXACT = [
     ("job-token", job(f"    token: {TOKEN}\n"), [f"5:5: jobs[0].token: {messages.NO_TOKEN}"]),
     ("job-retry", job("    retry: {attempts: 99}\n"),
      ["5:23: jobs[0].retry.attempts: must be a whole number from 1 to 20, got 99"]),
+    ("notify-http-remote", job("    notify: {webhook: 'http://hooks.example.com/T0/B0/x'}\n"),
+     ["5:23: jobs[0].notify.webhook: must use https (plain http is only allowed for a loopback "
+      "host such as 127.0.0.1 or localhost)"]),
+    ("notify-ftp", job("    notify: {ping_url: 'ftp://hc.example.com/x'}\n"),
+     ["5:24: jobs[0].notify.ping_url: must be null or an https:// URL like "
+      "https://hooks.example.com/..."]),
+    ("notify-bad-port", job("    notify: {webhook: 'https://hooks.example.com:99999/x'}\n"),
+     ["5:23: jobs[0].notify.webhook: must be null or an https:// URL like "
+      "https://hooks.example.com/..."]),
+    ("notify-after-text", job("    notify: {after: '3'}\n"),
+     ["5:21: jobs[0].notify.after: must be a whole number of failed firings, 1 or more"]),
+    ("notify-after-bool", job("    notify: {after: true}\n"),
+     ["5:21: jobs[0].notify.after: must be a whole number of failed firings, 1 or more"]),
+    ("notify-timeout-zero", job("    notify: {timeout: 0s}\n"),
+     ["5:23: jobs[0].notify.timeout: must be a duration above 0 like 10s"]),
+    ("notify-timeout-bare", job("    notify: {timeout: 10}\n"),
+     ["5:23: jobs[0].notify.timeout: must be a duration like 30s, 5m, 2h (units ms s m h d w); "
+      "a bare number has no unit"]),
+    ("notify-typo", job("    notify: {webhok: null}\n"),
+     ["5:14: jobs[0].notify.webhok: unknown key; did you mean 'webhook'?"]),
+    ("notify-unknown", job("    notify: {email: ops@example.com}\n"),
+     ["5:14: jobs[0].notify.email: unknown key; allowed keys are webhook, after, ping_url, "
+      "timeout"]),
+    ("notify-url-not-mapping", job("    notify: https://hooks.example.com/x\n"),
+     ["5:13: jobs[0].notify: must be a mapping with keys webhook, after, ping_url, timeout, "
+      "got text"]),
+    ("notify-list", job("    notify: [x]\n"),
+     ["5:13: jobs[0].notify: must be a mapping with keys webhook, after, ping_url, timeout, "
+      "got a list"]),
     ("job-spread", job("    spread: -5s\n"),
      ["5:13: jobs[0].spread: must not be negative (a duration like 30s, 5m, 2h; units ms s m h "
       "d w), got '-5s'"]),
@@ -463,14 +506,14 @@ def test_file_at_the_size_limit_is_read(tmp_path: Path) -> None:
 def test_billion_laughs_is_stopped_quickly(tmp_path: Path) -> None:
     started = time.monotonic()
     (line,) = problems(tmp_path, alias_bomb())
-    assert "expands to more than 1,000,000 values" in line
+    assert "expands to more than 250,000 values" in line
     assert time.monotonic() - started < 2
 
 
 def test_alias_bomb_under_a_known_key_is_stopped(tmp_path: Path) -> None:
     text = alias_bomb().replace(JOB, "").replace("i: &i", "jobs: &i")
     (line,) = problems(tmp_path, text)
-    assert "expands to more than 1,000,000 values" in line
+    assert "expands to more than 250,000 values" in line
 
 
 def test_message_quoting_an_alias_does_not_expand_it(tmp_path: Path) -> None:
@@ -499,6 +542,47 @@ def test_problem_list_is_capped(tmp_path: Path) -> None:
     assert lines[:2] == ["3:13: jobs[0].tests[0]: must be digits only (an id like 105), got 'x'",
                          "3:16: jobs[0].tests[1]: must be digits only (an id like 105), got 'x'"]
     assert lines[-1] == "3:310: and 201 more problems not shown"
+
+
+def test_reading_stops_after_1000_problems(tmp_path: Path) -> None:
+    # Each unreadable value costs an exception: 8 MiB of them would take many seconds.
+    lines = problems(tmp_path, "x: [" + "!x 1, " * 1500 + "1]\n")
+    assert len(lines) == 102
+    assert lines[0] == "1:5: x[0]: tag '!x' is not supported here"
+    assert lines[-2:] == ["1:5999: stopped reading after 1,000 problems; fix the first ones and "
+                          "try again", "1:5999: and 900 more problems not shown"]
+
+
+def test_ten_thousand_jobs_fit_under_the_node_cap(tmp_path: Path) -> None:
+    text = "jobs:\n" + "".join(
+        f"  - {{name: job-{i}, tests: [{i}, {10**6 + i}], schedule: {{every: 1h}}}}\n"
+        for i in range(10_000))
+    cfg = load(write(tmp_path, text))
+    assert len(cfg.jobs) == 10_000 and cfg.jobs[-1].tests == ("9999", "1009999")
+    assert 11 * 20_000 < yamlsource.MAX_NODES  # 11 values a job: 20,000 such jobs fit too
+
+
+def test_ids_and_names_fit_the_history_columns(tmp_path: Path) -> None:
+    from scheduler import history, values  # sqlalchemy: only this test needs it
+
+    columns = history.attempts.c
+    assert values.MAX_ID_DIGITS <= columns.test_id.type.length
+    assert values.MAX_ID_DIGITS <= columns.aid.type.length
+    assert columns.job.type.length >= 100
+    longest = job(f"    aid: {'9' * 20}\n", tests=f"[{'9' * 20}, '{'0' * 20}']").replace(
+        "name: a", "name: " + "n" * 100)
+    (only,) = load(write(tmp_path, longest)).jobs
+    assert (only.name, only.tests, only.aid) == ("n" * 100, ("9" * 20, "0" * 20), "9" * 20)
+
+
+def test_importing_config_stays_light() -> None:
+    # The CLI imports config at start; requests (scheduler.notify imports it only to send)
+    # and sqlalchemy wait until a file is loaded or a database URL checked.
+    code = ("import sys, scheduler.config; print(sorted({'requests', 'sqlalchemy', "
+            "'scheduler.schema'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.strip() == "[]"
 
 
 def test_aliases_and_merge_keys_share_settings(tmp_path: Path) -> None:
@@ -690,6 +774,78 @@ def test_token_env_null_means_the_default(tmp_path: Path) -> None:
     assert load(write(tmp_path, "api:\n  token_env: MY_TE\n" + JOB)).api.token_env == "MY_TE"
 
 
+# -- notify ---------------------------------------------------------------------------------------
+
+SECRET = "xoxb-5d5e2a1c9f00abcdef"
+HOOK = f"https://hooks.example.com/services/T0/B0/{SECRET}"
+
+
+def test_notify_values(tmp_path: Path) -> None:
+    text = job(f"    notify:\n      webhook: {HOOK}\n      after: 5\n"
+               f"      ping_url: http://127.0.0.1:8000/ping/{SECRET}?create=1\n"
+               "      timeout: 2500ms\n")
+    (only,) = load(write(tmp_path, text)).jobs
+    assert only.notify == NotifyConfig(webhook=HOOK, after=5, timeout=2.5,
+                                       ping_url=f"http://127.0.0.1:8000/ping/{SECRET}?create=1")
+
+
+def test_no_notify_means_the_notify_defaults(tmp_path: Path) -> None:
+    (only,) = load(write(tmp_path, JOB)).jobs
+    assert only.notify == NotifyConfig() and only.notify.webhook is None
+
+
+def test_notify_defaults_merge_key_by_key(tmp_path: Path) -> None:
+    text = f"""\
+defaults:
+  notify: {{webhook: "{HOOK}", after: 5, timeout: 3s}}
+jobs:
+  - {{name: plain, tests: [1], schedule: {{every: 1h}}}}
+  - {{name: quiet, tests: [1], schedule: {{every: 1h}}, notify: {{webhook: null}}}}
+  - name: own
+    tests: [1]
+    schedule: {{every: 1h}}
+    notify: {{after: 1, ping_url: "https://hc-ping.example.com/{SECRET}"}}
+  - {{name: empty, tests: [1], schedule: {{every: 1h}}, notify: {{}}}}
+"""
+    plain, quiet, own, empty = load(write(tmp_path, text)).jobs
+    assert plain.notify == NotifyConfig(webhook=HOOK, after=5, timeout=3.0)
+    assert quiet.notify == NotifyConfig(webhook=None, after=5, timeout=3.0)
+    assert own.notify == NotifyConfig(webhook=HOOK, after=1, timeout=3.0,
+                                      ping_url=f"https://hc-ping.example.com/{SECRET}")
+    assert empty.notify == plain.notify
+
+
+def test_bad_notify_default_is_reported_once_not_per_job(tmp_path: Path) -> None:
+    text = "defaults:\n  notify: {after: -1, timeout: 0s}\n" + job() + (
+        "  - {name: b, tests: [2], schedule: {every: 1h}, notify: {after: 0}}\n")
+    assert problems(tmp_path, text) == [
+        "2:19: defaults.notify.after: must be a whole number of failed firings, 1 or more",
+        "2:32: defaults.notify.timeout: must be a duration above 0 like 10s",
+        "7:66: jobs[1].notify.after: must be a whole number of failed firings, 1 or more",
+    ]
+
+
+@pytest.mark.parametrize("text", [
+    f"defaults:\n  notify: {{webhook: 'http://hooks.example.com/{SECRET}'}}\n" + JOB,
+    job(f"    notify: {{ping_url: 'ftp://hc.example.com/{SECRET}'}}\n"),
+    job(f"    notify: {{webhook: 'https://hooks.example.com:99999/{SECRET}'}}\n"),
+    job(f"    notify: {{webhook: 'https://{SECRET}@/x'}}\n"),
+    job(f"    notify: {{webhook: !!int '{HOOK}'}}\n"),
+    job(f"    notify: {{webhook: !!timestamp '{HOOK}'}}\n"),
+    job(f"    notify: {{webhook: ['{HOOK}']}}\n"),
+    job(f"    notify: {{after: '{HOOK}', timeout: '{HOOK}'}}\n"),
+    job(f"    notify: {{web_hook: !!int '{HOOK}'}}\n"),
+    job(f"    notify: {{webhook: '{HOOK}', webhook: '{HOOK}'}}\n"),
+    job(f"    notify: '{HOOK}'\n"),
+    job(f"    notify: '{SECRET}'\n"),
+    job(f"    webhook: !!float '{HOOK}'\n"),
+    job(f"    ping_url: !!int '{HOOK}'\n"),
+])
+def test_notify_urls_are_never_quoted(tmp_path: Path, text: str) -> None:
+    lines = problems(tmp_path, text)
+    assert not any(SECRET in line or SECRET[:12] in line for line in lines), lines
+
+
 # -- the token --------------------------------------------------------------------------------
 
 
@@ -741,6 +897,9 @@ def test_token_with_inner_space_is_refused_without_echo(monkeypatch: pytest.Monk
 
 @pytest.mark.parametrize("text", [
     f"api:\n  token: {TOKEN}\n",
+    f"api: {TOKEN}\n",
+    f"api: '{TOKEN}'\n",
+    f"defaults:\n  token: !!int {TOKEN}\n",
     f"api:\n  tokn: {TOKEN}\n",
     f"api:\n  bearer_token: '{TOKEN}'\n",
     f"api:\n  {TOKEN}: x\n",

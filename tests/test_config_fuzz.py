@@ -5,12 +5,14 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from scheduler.addresses import is_loopback
 from scheduler.config import Config, load, parse_duration, parse_rate, parse_when
 from scheduler.errors import ConfigError
 
@@ -85,6 +87,11 @@ def section(**fields: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     return mostly(mapping, anything)
 
 
+NOTIFY_URLS = mostly(st.sampled_from([None, "https://hooks.example.com/T0/B0/x",
+                                      "http://127.0.0.1:8000/ping/x?create=1"]),
+                     URLS | st.sampled_from(["http://hooks.example.com/x", "https://:443/x"]))
+notify = section(webhook=NOTIFY_URLS, ping_url=NOTIFY_URLS, timeout=DURATIONS,
+                 after=mostly(st.integers(1, 10), st.integers(-1, 0) | anything))
 retry = section(attempts=mostly(st.integers(1, 20), st.integers(-1, 25) | anything),
                 backoff=DURATIONS, max_backoff=DURATIONS)
 schedule = mostly(
@@ -98,7 +105,7 @@ job = mostly(
          "tests": st.lists(IDS, min_size=1, max_size=3, unique_by=str), "schedule": schedule},
         optional={"aid": IDS | st.none(), "enabled": mostly(st.booleans(), anything),
                   "timezone": ZONES, "retry": retry, "catch_up": DURATIONS,
-                  "spread": DURATIONS}),
+                  "spread": DURATIONS, "notify": notify}),
     section(name=st.text(max_size=12), tests=st.lists(IDS, max_size=4) | anything,
             schedule=schedule, aid=IDS, enabled=anything))
 jobs = mostly(st.lists(job, min_size=1, max_size=4, unique_by=lambda item: repr(
@@ -117,7 +124,7 @@ document = mostly(
         "metrics": section(listen=mostly(st.sampled_from(["127.0.0.1:9464", "[::1]:9464"]),
                                          st.sampled_from([":0", "x"]) | st.integers(0, 70000))),
         "defaults": section(aid=IDS, timezone=ZONES, retry=retry, catch_up=DURATIONS,
-                            spread=DURATIONS)}),
+                            spread=DURATIONS, notify=notify)}),
     section(version=st.just(1), jobs=jobs, api=api))
 
 
@@ -156,6 +163,12 @@ def assert_valid(cfg: Config) -> None:
         assert 1 <= loaded.retry.attempts <= 20
         assert 0 <= loaded.retry.backoff <= loaded.retry.max_backoff
         assert loaded.spread >= timedelta(0) and loaded.catch_up >= timedelta(0)
+        assert loaded.notify.problems() == [] and loaded.notify.timeout > 0
+        for url in (loaded.notify.webhook, loaded.notify.ping_url):
+            parts = urlsplit(url) if url is not None else None
+            assert parts is None or parts.scheme == "https" or is_loopback(parts.hostname or "")
+        assert len(loaded.name) <= 100 and all(len(test) <= 32 for test in loaded.tests)
+        assert loaded.aid is None or len(loaded.aid) <= 32
     assert cfg.api.timeout > 0 and 1 <= cfg.api.concurrency <= 256
     assert (cfg.api.token_env is None) != (cfg.api.token_file is None)
 
