@@ -130,7 +130,6 @@ def run(state: State, simulate: bool, watch: bool) -> None:
         sim = Simulator(token=token, instant_limit=config.api.rate_limit.count,
                         window=config.api.rate_limit.period).start()
         simulated = (sim.url, token)
-        click.echo(f"te-scheduler: calling the simulated API at {sim.url}", err=True)
     connection_of(config, simulated)  # fail now (exit 2) when the token cannot be read
     engine = state.engine(config, migrate=True)
     code = Daemon(config, engine, simulated=simulated, watch=watch).run()

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import threading
+from collections import Counter
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -294,13 +295,23 @@ class Daemon:
 
     # -- housekeeping -----------------------------------------------------------------
     def _log_schedule(self) -> None:
-        for entry in self._entries.values():
-            aps = self.scheduler.get_job(entry.id)
-            next_at = aps.next_run_time.isoformat() if aps and aps.next_run_time else "never"
-            log.info('Scheduled job "%s" test %s: next firing at %s', entry.job.name,
-                     entry.test_id, next_at)
+        tests = Counter(entry.job.name for entry in self._entries.values())
+        for job, when in self._next_fires().items():
+            log.info('Scheduled job "%s" (%d test(s)): next firing at %s', job, tests[job],
+                     when.isoformat() if when else "never")
         if not self._entries:
             log.warning("No enabled jobs in %s; waiting for a reload", self.config.path)
+
+    def _next_fires(self) -> dict[str, datetime | None]:
+        """Each job's soonest next firing over its tests (spread included)."""
+        soonest: dict[str, datetime | None] = {}
+        for entry in self._entries.values():
+            aps = self.scheduler.get_job(entry.id)
+            when = aps.next_run_time if aps else None
+            current = soonest.get(entry.job.name)
+            if current is None or (when is not None and when < current):
+                soonest[entry.job.name] = when
+        return soonest
 
     def _serve_metrics(self) -> None:
         if not self.config.metrics.listen:
@@ -313,14 +324,7 @@ class Daemon:
         log.info("Serving /metrics and /healthz on %s:%d", host, self._metrics_server.port)
 
     def _sync_next_fires(self) -> None:
-        soonest: dict[str, datetime | None] = {}
-        for entry in self._entries.values():
-            aps = self.scheduler.get_job(entry.id)
-            when = aps.next_run_time if aps else None
-            current = soonest.get(entry.job.name)
-            if current is None or (when is not None and when < current):
-                soonest[entry.job.name] = when
-        self.metrics.sync_next_fires(soonest)
+        self.metrics.sync_next_fires(self._next_fires())
 
     def _shared_limits(self) -> instances.SharedLimits | None:
         # Only several instances need it, and they need PostgreSQL; a single SQLite daemon
