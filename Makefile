@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	@if [ -z "$$THOUSANDEYES_TOKEN" ]; then \
-	  echo "THOUSANDEYES_TOKEN is not set: running against the built-in simulated API"; \
-	  exec $(BIN)/te-scheduler --db sqlite:///demo-history.db run --simulate; \
+	  echo "THOUSANDEYES_TOKEN is not set: contrib/demo.yaml against the built-in simulated API"; \
+	  exec $(BIN)/te-scheduler -c contrib/demo.yaml run --simulate; \
 	else \
 	  exec $(BIN)/te-scheduler run; \
 	fi

@@ -20,7 +20,7 @@ import click
 from scheduler import __version__, clock, render
 from scheduler import config as config_mod
 from scheduler.config import Config
-from scheduler.errors import ConfigError, SchedulerError, UsageError
+from scheduler.errors import ConfigError, DatabaseError, SchedulerError, UsageError
 from scheduler.logs import FORMATS as LOG_FORMATS
 from scheduler.logs import LEVELS, setup_logging
 from scheduler.outcomes import OUTCOMES
@@ -66,11 +66,22 @@ class State:
             loaded = replace(loaded, history=replace(loaded.history, url=self.db_url))
         return loaded
 
-    def engine(self, config: Config, *, migrate: bool = False) -> Any:
-        """The history database, migrated (``migrate``) or checked to be at head."""
+    def database_url(self) -> str:
+        """``--db`` when given (then jobs.yaml is not needed at all), else ``history.url``."""
+        return self.db_url or self.load().history.url
+
+    def engine(self, config: Config | None = None, *, migrate: bool = False) -> Any:
+        """The history database, migrated (``migrate``) or checked to exist and be at head.
+
+        Commands that only read never create a database: a mistyped path gets an error
+        naming it, not a new empty file and advice to migrate it.
+        """
         from scheduler import db
 
-        engine = db.make_engine(config.history.url)
+        url = config.history.url if config else self.database_url()
+        if not migrate:
+            _require_existing_sqlite(url)
+        engine = db.make_engine(url)
         if migrate:
             db.upgrade(engine)
         else:
@@ -162,7 +173,7 @@ def validate(state: State) -> None:
 @cli.command()
 @click.option("--from", "start", metavar="T", help="Start (inclusive). Default: now.")
 @click.option("--until", metavar="T", help="End (exclusive). Default: 24 h after --from.")
-@click.option("--count", type=click.IntRange(min=1), help="Stop after N calls.")
+@click.option("--count", type=click.IntRange(1, 1_000_000), help="Stop after N calls.")
 @click.option("--job", help="Only this job.")
 @click.option("--format", "fmt", type=click.Choice(("table", "json")), default="table",
               show_default=True)
@@ -174,7 +185,8 @@ def plan(state: State, start: str | None, until: str | None, count: int | None,
     \b
     Examples:
       te-scheduler plan --count 20
-      te-scheduler plan --from 2026-10-24T22:00Z --until 2026-10-25T04:00Z --job nightly
+      te-scheduler plan --from 2026-10-24T22:00Z --until 2026-10-25T08:00Z \\
+                        --job nightly-path-sweep
     """
     from scheduler.planner import build_plan, format_rate, peak_calls
 
@@ -259,7 +271,7 @@ def trigger(state: State, job_name: str, test_id: str | None) -> None:
 @click.option("--since", metavar="T", help="Started at or after T.")
 @click.option("--until", metavar="T", help="Started before T.")
 @click.option("--outcome", type=click.Choice(OUTCOMES), help="Only this outcome.")
-@click.option("--limit", type=click.IntRange(min=0), default=100, show_default=True,
+@click.option("--limit", type=click.IntRange(0, 10**9), default=100, show_default=True,
               help="At most N rows; 0 for all.")
 @click.option("--format", "fmt", type=click.Choice(render.FORMATS), default="table",
               show_default=True)
@@ -278,7 +290,7 @@ def history_cmd(state: State, job: str | None, test_id: str | None, since: str |
     now = clock.now()
     since_at = _when(since, now, "--since") if since else None
     until_at = _when(until, now, "--until") if until else None
-    engine = state.engine(state.load())
+    engine = state.engine()
     rows = history.query(engine, job=job, test_id=test_id, since=since_at, until=until_at,
                          outcome=outcome, limit=limit or None)
     _emit(rows, fmt, HISTORY_TABLE, HISTORY_COLUMNS)
@@ -295,7 +307,7 @@ def stats(state: State, since: str, fmt: str) -> None:
     from scheduler import history
 
     since_at = _when(since, clock.now(), "--since")
-    engine = state.engine(state.load())
+    engine = state.engine()
     rows = history.stats(engine, since=since_at)
     _emit(rows, fmt, STATS_COLUMNS, STATS_COLUMNS)
 
@@ -317,7 +329,7 @@ def status(state: State, fmt: str) -> None:
     """
     from scheduler import instances
 
-    engine = state.engine(state.load())
+    engine = state.engine()
     rows = instances.status(engine, clock.now(), instances.stale_after())
     _emit(rows, fmt, STATUS_COLUMNS, tuple(rows[0]) if rows else STATUS_COLUMNS)
 
@@ -333,7 +345,7 @@ def upgrade(state: State) -> None:
     """Migrate the history database to the newest schema (creates it if missing)."""
     from scheduler import db
 
-    engine = db.make_engine(state.load().history.url)
+    engine = db.make_engine(state.database_url())
     db.upgrade(engine)
 
 
@@ -343,7 +355,9 @@ def current(state: State) -> None:
     """Print the database's schema revision (and whether it is the newest)."""
     from scheduler import db
 
-    engine = db.make_engine(state.load().history.url)
+    url = state.database_url()
+    _require_existing_sqlite(url)
+    engine = db.make_engine(url)
     revision = db.current(engine)
     marker = "(head)" if revision == db.head() else f"(head is {db.head()})"
     click.echo(f"{revision or 'empty'} {marker}")
@@ -356,7 +370,7 @@ def downgrade(state: State, revision: str) -> None:
     """Migrate the history database down to REVISION ('base' removes every table)."""
     from scheduler import db
 
-    engine = db.make_engine(state.load().history.url)
+    engine = db.make_engine(state.database_url())
     db.downgrade(engine, revision)
 
 
@@ -370,7 +384,7 @@ def prune(state: State, older_than: str, dry_run: bool) -> None:
     from scheduler import history
 
     age = _duration(older_than, "--older-than")
-    engine = state.engine(state.load())
+    engine = state.engine()
     count = history.prune(engine, before=clock.now() - age, dry_run=dry_run)
     click.echo(f"{count} row(s) {'would be ' if dry_run else ''}deleted")
 
@@ -417,6 +431,24 @@ def _emit(rows: list[dict[str, Any]], fmt: str, table_columns: tuple[str, ...],
         click.echo(render.csv_text(rows, all_columns))
     elif rows:
         click.echo(render.table(rows, table_columns))
+
+
+def _require_existing_sqlite(url: str) -> None:
+    """Refuse a SQLite URL whose file does not exist (reading must not create it)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return  # make_engine reports a malformed URL
+    path = parsed.database
+    if parsed.get_backend_name() == "sqlite" and path and path != ":memory:":
+        if not Path(path).exists():
+            raise DatabaseError(
+                f"no history database at {path} (check --db, TE_SCHEDULER_DB or history.url; "
+                "`te-scheduler db upgrade` creates it)"
+            )
 
 
 def _short_list(items: tuple[str, ...], most: int = 4) -> str:
@@ -466,8 +498,13 @@ def main() -> None:
         _fail(error)
     except click.exceptions.Abort:
         sys.exit(130)
+    except click.UsageError as error:
+        command = error.ctx.command_path if error.ctx else "te-scheduler"
+        click.echo(f"te-scheduler: error: {error.format_message()} (see `{command} --help`)",
+                   err=True)
+        sys.exit(error.exit_code)
     except click.ClickException as error:
-        error.show()
+        click.echo(f"te-scheduler: error: {error.format_message()}", err=True)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -320,8 +320,6 @@ class Daemon:
                               self.engine)
         self._metrics_server = MetricsServer(self.metrics, self.config.metrics.listen,
                                              health).start()
-        host, _ = self.config.metrics.listen
-        log.info("Serving /metrics and /healthz on %s:%d", host, self._metrics_server.port)
 
     def _sync_next_fires(self) -> None:
         self.metrics.sync_next_fires(self._next_fires())

@@ -307,7 +307,9 @@ class Simulator:
             failed = all(allowed) and self._random.random() < self.fail_rate
             failure = self._random.choice((500, 502)) if failed else None
         if not all(allowed):
-            answer = _problem(429, "Too Many Requests", "Exhausted rate limit for the organization")
+            exhausted = {name for name, ok in zip(self._buckets, allowed, strict=True) if not ok}
+            which = "the organization" if "organization" in exhausted else "instant tests"
+            answer = _problem(429, "Too Many Requests", f"Exhausted rate limit for {which}")
         elif failure == 500:
             answer = _problem(500, "Internal Server Error", "Simulated failure")
         elif failure == 502:

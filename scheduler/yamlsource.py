@@ -94,7 +94,8 @@ def _read_text(path: Path, file: str) -> str:
             data = handle.read(MAX_BYTES + 1)  # a pipe or a growing file has no honest size
     except (OSError, ValueError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc)
-        raise _fatal(file, f"cannot read the config file: {reason}") from None
+        hint = " (give another with -c PATH or TE_SCHEDULER_CONFIG)" if not path.exists() else ""
+        raise _fatal(file, f"cannot read the config file: {reason}{hint}") from None
     if len(data) > MAX_BYTES:
         raise _fatal(file, f"file is more than {MAX_BYTES} bytes; the limit is 8 MiB")
     data = data.removeprefix(codecs.BOM_UTF8)

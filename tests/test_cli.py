@@ -156,7 +156,8 @@ def test_an_unreachable_database_is_exit_3(config: Path):
 
 
 def test_db_upgrade_current_downgrade(config: Path):
-    assert run_cli("-c", str(config), "db", "current").stdout.startswith("empty")
+    missing = run_cli("-c", str(config), "db", "current")
+    assert missing.returncode == 3 and "no history database at" in missing.stderr
     upgraded = run_cli("-c", str(config), "db", "upgrade")
     assert upgraded.returncode == 0 and upgraded.stdout == ""
     assert "(head)" in run_cli("-c", str(config), "db", "current").stdout
@@ -262,3 +263,29 @@ def test_help_teaches_and_never_shows_the_token(config: Path):
 def test_version():
     result = run_cli("--version")
     assert result.returncode == 0 and result.stdout.startswith("te-scheduler, version ")
+
+
+def test_read_only_commands_need_only_the_database_and_never_create_it(tmp_path: Path):
+    url = f"sqlite:///{tmp_path / 'typo' / 'history.db'}"
+    for command in (["history"], ["stats"], ["status"], ["db", "current"]):
+        result = run_cli("--db", url, *command, cwd=tmp_path)  # no jobs.yaml here at all
+        assert result.returncode == 3, (command, result.stderr)
+        assert "no history database at" in result.stderr
+    assert not (tmp_path / "typo").exists()
+    assert run_cli("--db", url, "db", "upgrade", cwd=tmp_path).returncode == 0
+    listed = run_cli("--db", url, "history", "--format", "json", cwd=tmp_path)
+    assert listed.returncode == 0 and json.loads(listed.stdout) == []
+
+
+def test_usage_errors_are_one_line(config: Path):
+    result = run_cli("-c", str(config), "plan", "--count", "lots")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("te-scheduler: error: ")
+
+
+def test_the_demo_config_is_valid_and_fires_within_seconds():
+    demo = Path(__file__).resolve().parent.parent / "contrib" / "demo.yaml"
+    result = run_cli("-c", str(demo), "plan", "--count", "1", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    [first] = json.loads(result.stdout)["firings"]
+    assert first["job"] == "demo-heartbeat"

@@ -232,7 +232,7 @@ def test_a_429_pauses_every_call_on_the_token_until_the_reset(tmp_path, db_url, 
     assert [t for t in after if t >= reset], "calls resumed after the reset"
     limited = [r for r in rows(db_url) if r["status_code"] == 429]
     assert limited and {r["outcome"] for r in limited} == {"rate_limited"}
-    assert limited[0]["error"] == "Too Many Requests: Exhausted rate limit for the organization"
+    assert limited[0]["error"] == "Too Many Requests: Exhausted rate limit for instant tests"
 
 
 # -- 2. crash-safe history ----------------------------------------------------------------

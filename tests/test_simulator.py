@@ -118,7 +118,7 @@ def test_instant_bucket_exhausts_then_window_reopens(
         "type": "about:blank",
         "title": "Too Many Requests",
         "status": 429,
-        "detail": "Exhausted rate limit for the organization",
+        "detail": "Exhausted rate limit for instant tests",
         "instance": "/v7",
     }
     assert limits(refused, INSTANT) == ("3", "0", str(T0 + 60))
