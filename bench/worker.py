@@ -151,9 +151,15 @@ def run_te(spec: dict[str, Any], tally: _Tally, workdir: Path) -> dict[str, Any]
 
 
 def _instrument(daemon: Any, tally: _Tally) -> None:
-    """Count attempts (the runner's observer hook) and firings (around ``Runner.fire``)."""
+    """Count attempts (the runner's ``attempted`` hook) and firings (around ``Runner.fire``)."""
     runner = daemon.runner
-    runner.observer = lambda firing, attempt, result, lag: tally.code(result.status_code)
+    attempted = runner.hooks.attempted
+
+    def counted_attempt(firing: Any, attempt: int, result: Any, lag: float) -> None:
+        tally.code(result.status_code)
+        attempted(firing, attempt, result, lag)
+
+    runner.hooks.attempted = counted_attempt  # type: ignore[method-assign]
     fire: Callable[[Any], str] = runner.fire
 
     def counted(firing: Any) -> str:
