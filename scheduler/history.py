@@ -14,21 +14,10 @@ from sqlalchemy import Engine, Row
 from sqlalchemy.dialects import postgresql, sqlite
 
 from scheduler.db import translate_errors, write_transaction
+from scheduler.outcomes import OUTCOMES, TRIGGERS
 
 log = logging.getLogger(__name__)
 
-TRIGGERS = ("schedule", "manual", "catch-up")
-OUTCOMES = (
-    "pending",
-    "success",
-    "http_error",
-    "rate_limited",
-    "network_error",
-    "timeout",
-    "interrupted",
-    "skipped",
-    "missed",
-)
 _FIRING_KEY = ("job", "test_id", "scheduled_for", "attempt")
 _CHUNK = 500  # ids per UPDATE ... IN (...), well under every driver's parameter limit
 
