@@ -63,8 +63,15 @@ jobs:
     schedule: {{every: 1s}}
 """, base_url=simulator.url, db_url=db_url)
     daemon = start_daemon(config)
-    wait_until(lambda: len(simulator.requests) >= 3, what="three calls")
 
+    def successes() -> float:
+        attempts = scrape(port).get("te_scheduler_attempts")
+        return value(attempts, "te_scheduler_attempts_total", job="pulse",
+                     outcome="success") if attempts and attempts.samples else 0.0
+
+    # The call reaches the server a moment before its attempt is counted: poll the metric.
+    daemon.wait_for_log("outcome=success")
+    wait_until(lambda: successes() >= 3, what="three successful attempts counted")
     families = scrape(port)
     for name, kind in SPEC_METRICS.items():
         assert families[name].type == kind, name
