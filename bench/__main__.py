@@ -46,7 +46,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rows", default=None, metavar="LIST",
                         help="History sizes for scenario 5 (default 1000000,10000000).")
     parser.add_argument("--history-cap", type=float, default=None, metavar="S",
-                        help="Stop a stats or prune call after S seconds (default 60; 0: never).")
+                        help="Stop a stats or prune call after S seconds (default 45; 0: never).")
     parser.add_argument("--output", default=None, metavar="PATH",
                         help="The report (a .md file, or a folder for RESULTS.md); "
                              "default bench/RESULTS.md. The JSON goes beside it.")
@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 history_size.start_generation(settings)
             common.say(f"scenario {key} ...")
+            meter = common.LoadMeter()
             try:
                 section = _run_one(key, settings)
             except Exception as exc:  # one broken scenario must not lose the others' figures
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                 common.say(f"scenario {key} FAILED: {exc}")
                 section = Section(key, f"{key}: FAILED", "", notes=[f"FAILED: {exc!r}"[:2000]])
             section.command = _command(args)
+            section.notes.append(f"Other load while this ran: {meter.describe()}.")
             sections[key] = section
             print(report.render_section(section), flush=True)
     finally:
@@ -146,8 +148,9 @@ def _run_one(key: str, settings: Settings) -> Section:
 
 def _header(old: dict, args: argparse.Namespace, wall: float, load: str,
             sections: dict[str, Section]) -> dict:
-    if args.soak and old:
-        return old  # the soak keeps the main run's header; its section has its own date
+    if (args.soak or args.only) and old:
+        # A partial run keeps the full run's header; each section carries its own date.
+        return {**old, "commands": sorted({*old.get("commands", []), _command(args)})}
     commands = ["python -m bench" + (" --quick" if args.quick else "")]
     if "soak" in sections:
         commands.append(sections["soak"].command)

@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import math
+import queue
 import signal
 import subprocess
 import sys
@@ -184,6 +185,7 @@ class Server:
         self.port = int(line.split()[1])
         self.url = f"http://127.0.0.1:{self.port}/v7"
         self.records: list[Record] = []
+        self._lines: queue.Queue[str] | None = None  # the server's stdout, once read
         self._cpu_start = sample(self.proc.pid).cpu
         self._wall_start = time.monotonic()
         self.cpu = math.nan  # CPU seconds the server used while open
@@ -191,16 +193,22 @@ class Server:
 
     def wait_announce(self, timeout: float) -> tuple[float, str] | None:
         """The time and test id of the announced call (see ``--announce``), or None."""
-        assert self.proc.stdout is not None
-        found: list[str] = []
-        reader = threading.Thread(target=lambda: found.append(self.proc.stdout.readline()),
-                                  daemon=True)
-        reader.start()
-        reader.join(timeout)
-        if not found or not found[0].startswith("HIT "):
+        if self._lines is None:
+            self._lines = queue.Queue()
+            threading.Thread(target=self._read_lines, daemon=True).start()
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
             return None
-        _, at, test = found[0].split()
+        if not line.startswith("HIT "):
+            return None
+        _, at, test = line.split()
         return float(at), test
+
+    def _read_lines(self) -> None:
+        assert self.proc.stdout is not None and self._lines is not None
+        for line in self.proc.stdout:
+            self._lines.put(line)
 
     def cpu_now(self) -> float:
         """The server's CPU seconds so far (for its share during one measured interval)."""

@@ -32,7 +32,7 @@ class Settings:
     scale_sizes: list[int] = field(default_factory=lambda: [100, 1000, 10_000, 50_000])
     idle_seconds: float = 30.0
     history_rows: list[int] = field(default_factory=lambda: [1_000_000, 10_000_000])
-    history_cap: float = 60.0  # seconds a stats or prune call may run before it is stopped
+    history_cap: float = 45.0  # seconds a stats or prune call may run before it is stopped
     profile_attempts: int = 400
     soak_minutes: float = 30.0
     soak_rate: int = 20

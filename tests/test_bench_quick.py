@@ -6,7 +6,9 @@ Only that it runs and reports is checked, never a timing: CI machines vary too m
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -37,11 +39,19 @@ def _sections(text: str) -> dict[str, str]:
 @pytest.mark.timeout(120)
 def test_quick_mode_reports_every_scenario_with_tables_and_ratios(tmp_path: Path):
     out = tmp_path / "report"
-    proc = subprocess.run(
+    # Its own process group, so a timeout also ends the servers and daemons it started.
+    proc = subprocess.Popen(
         [sys.executable, "-m", "bench", "--quick", "--output", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=110,
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    try:
+        stdout, stderr = proc.communicate(timeout=110)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("python -m bench --quick did not finish in 110 s")
+    assert proc.returncode == 0, stderr[-3000:]
     report = (out / "RESULTS.md").read_text()
     assert "Machine:" in report and "Date:" in report and "python -m bench --quick" in report
     sections = _sections(report)
@@ -57,7 +67,7 @@ def test_quick_mode_reports_every_scenario_with_tables_and_ratios(tmp_path: Path
     data = json.loads((out / "RESULTS.json").read_text())
     assert set(data["sections"]) == set(SECTIONS)
     # The ratios are printed as the run goes, too.
-    assert proc.stdout.count("- Ratio, ") >= len(SECTIONS)
+    assert stdout.count("- Ratio, ") >= len(SECTIONS)
     # No scenario's target table is missing its verdicts.
     assert "## Targets at a glance" in report
     assert re.search(r"\*\*(met|MISSED)\*\*", report)
