@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import secrets
+import signal
 import sys
 import threading
 from dataclasses import replace
@@ -144,6 +145,11 @@ def run(state: State, simulate: bool, watch: bool) -> None:
     connection_of(config, simulated)  # fail now (exit 2) when the token cannot be read
     engine = state.engine(config, migrate=True)
     code = Daemon(config, engine, simulated=simulated, watch=watch).run()
+    # Stopped and recorded: a late SIGTERM/SIGINT (a supervisor repeating itself) must not turn
+    # this clean exit into a kill while the interpreter winds down; Python restores the
+    # default handlers then, but leaves an explicit SIG_IGN alone.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(code)
 
 

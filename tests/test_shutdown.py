@@ -73,6 +73,21 @@ def test_a_second_sigint_stops_at_once_and_records_the_call_interrupted(tmp_path
     assert len(simulator.requests) == 1
 
 
+def test_signals_repeated_while_the_process_exits_keep_exit_code_zero(tmp_path, simulator,
+                                                                      db_url, start_daemon):
+    # Supervisors repeat themselves; once "Stopped" is logged, a late signal must not turn the
+    # clean exit into a kill (-15) while the interpreter winds down.
+    cfg = write_config(tmp_path / "jobs.yaml", PAIR, base_url=simulator.url, db_url=db_url)
+    daemon_ = start_daemon(cfg)
+    wait_until(lambda: finished(db_url, "105"), what="a first call")
+    daemon_.send(signal.SIGTERM)
+    daemon_.wait_for_log("Stopped")
+    while daemon_.proc.poll() is None:
+        daemon_.send(signal.SIGTERM)
+        time.sleep(0.001)
+    assert daemon_.proc.returncode == 0
+
+
 def test_a_call_still_open_when_the_drain_ends_is_recorded_interrupted(
     tmp_path, simulator, engine, monkeypatch
 ):
