@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -465,3 +466,109 @@ def test_two_instances_claiming_the_same_firing_get_one_id(
     assert len(history.query(engine, limit=0)) == 20
     for eng in engines:
         eng.dispose()
+
+
+def _fill_old(engine: sa.Engine, count: int) -> None:
+    """``count`` finished rows a year before T0, written in one statement."""
+    base = key()
+    rows = [
+        {"run_id": f"r{n}", "job": base.job, "test_id": base.test_id, "aid": None,
+         "trigger": "schedule", "scheduled_for": T0 - timedelta(days=365, minutes=n),
+         "attempt": 1, "started_at": T0 - timedelta(days=365, minutes=n), "outcome": "success",
+         "instance": base.instance}
+        for n in range(count)
+    ]
+    with engine.begin() as conn:
+        conn.execute(sa.insert(history.attempts), rows)
+
+
+def test_prune_sizes_its_own_batches_and_deletes_every_old_row(engine: sa.Engine) -> None:
+    _fill_old(engine, 3000)
+    keep = add(engine, key("new"), T0, "success")
+    sizes: list[int] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().upper().startswith("DELETE"):
+            sizes.append(cursor.rowcount)
+
+    sa.event.listen(engine, "after_cursor_execute", record)
+    try:
+        assert history.prune(engine, before=T0 - timedelta(days=1)) == 3000
+    finally:
+        sa.event.remove(engine, "after_cursor_execute", record)
+    assert [r["id"] for r in history.query(engine, limit=0)] == [keep]
+    # Small first, then sized by how long each took; never a batch beyond the cap.
+    assert len(sizes) >= 2 and sizes[0] == 200 and max(sizes) <= 5000
+
+
+def test_prune_stops_between_batches_when_asked(engine: sa.Engine) -> None:
+    _fill_old(engine, 50)
+    stop = threading.Event()
+
+    def stop_after_first(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().upper().startswith("DELETE"):
+            stop.set()
+
+    sa.event.listen(engine, "after_cursor_execute", stop_after_first)
+    try:
+        assert history.prune(engine, before=T0, batch_size=20, stop=stop) == 20
+    finally:
+        sa.event.remove(engine, "after_cursor_execute", stop_after_first)
+    assert len(history.query(engine, limit=0)) == 30
+
+
+def _reference_stats(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """The stats of SPEC's definitions, the slow obvious way: firing by firing (run_id)."""
+    result = {}
+    for pair in sorted({(r["job"], r["test_id"]) for r in rows}):
+        mine = sorted((r for r in rows if (r["job"], r["test_id"]) == pair),
+                      key=lambda r: (r["started_at"], r["id"]))
+        runs: dict[str, list[dict[str, Any]]] = {}
+        for r in mine:
+            runs.setdefault(r["run_id"], []).append(r)
+        finished = [run for run in runs.values() if all(r["outcome"] != "pending" for r in run)]
+        won = [run for run in finished if any(r["outcome"] == "success" for r in run)]
+        lost = [run[-1] for run in finished if run not in won]
+        latest = max(lost, key=lambda r: (r["started_at"], r["id"]), default=None)
+        durations = sorted(r["duration_ms"] for r in mine if r["duration_ms"] is not None)
+
+        def pct(p: int, d: list[int] = durations) -> int | None:
+            return d[max(-(-p * len(d) // 100), 1) - 1] if d else None
+
+        result[pair] = {
+            "firings": len(runs), "attempts": len(mine), "successes": len(won),
+            "success_rate": len(won) / len(finished) if finished else None,
+            "last_success": max((r["started_at"] for r in mine if r["outcome"] == "success"),
+                                default=None),
+            "last_failure": latest["started_at"] if latest else None,
+            "last_error": latest["error"] if latest else None,
+            "rate_limited": sum(r["status_code"] == 429 for r in mine),
+            "retries": sum(r["attempt"] > 1 for r in mine),
+            "p50_ms": pct(50), "p95_ms": pct(95),
+        }
+    return result
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_stats_in_sql_agree_with_counting_firing_by_firing(engine: sa.Engine, seed: int) -> None:
+    rng = random.Random(seed)
+    for n in range(rng.randint(1, 60)):
+        job, test = rng.choice(["a", "b"]), rng.choice(["1", "2", "3"])
+        slot = T0 + timedelta(minutes=n)
+        tries = rng.randint(1, 4)
+        last = rng.choice(["success", "success", "pending", "http_error", "skipped", "timeout"])
+        at = slot
+        for attempt in range(1, tries + 1):
+            at += timedelta(seconds=rng.randint(0, 9))  # attempts follow one another
+            final = attempt == tries
+            outcome = last if final else rng.choice(["http_error", "rate_limited", "timeout"])
+            if outcome == "skipped" and attempt > 1:
+                outcome = "interrupted"
+            status = {"success": 200, "http_error": 503, "rate_limited": 429}.get(outcome)
+            add(engine, key(f"{job}{test}-{n}", job=job, test_id=test, scheduled_for=slot,
+                            attempt=attempt),
+                at, outcome, status=status,
+                ms=rng.choice([None, rng.randint(1, 40)]), error=f"e{n}.{attempt}")
+    expected = _reference_stats(history.query(engine, limit=0))
+    got = {(s.pop("job"), s.pop("test_id")): s for s in history.stats(engine)}
+    assert got == expected
