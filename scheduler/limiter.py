@@ -6,9 +6,12 @@ bucket that refills continuously would draw 429s. The limiter instead mirrors th
 * the configured budget (``api.rate_limit``) is a local fixed window: at most ``count`` calls
   per ``period``, the window opening with the first call after the previous one closed;
 * each server bucket (organization, instant-test) is tracked from the latest response: its
-  ``Remaining`` minus the calls sent since, until its ``Reset`` passes;
+  ``Remaining`` minus the calls sent since, until the window ends: by its ``Reset`` (a whole
+  second, so up to a second late) or, once the window's length is known, by that length
+  after our first answer counted in it (see ``_ServerBucket``);
 * while nothing is known about a server bucket, one call goes first as a probe, so a burst is
-  never fired blind;
+  never fired blind; a ``Reset`` more than a window ahead is not waited for past one window,
+  after which one call probes it;
 * a 429 pauses every call on the token until the later ``Reset`` of the two header sets.
 
 Waiters are served strictly in the order of their ``order`` key (the firing's scheduled
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -29,68 +33,191 @@ from scheduler import clock
 from scheduler.client import CallResult, RateLimitBucket
 from scheduler.config import Rate
 
-# The server rounds Reset to whole seconds and its window opens when our first request
-# arrives, slightly after we sent it; waiting this much past a Reset avoids racing it.
+log = logging.getLogger(__name__)
+
+# Past a Reset: the server rounds Reset to whole seconds and its window opens when our first
+# request arrives, slightly after we sent it; waiting this much past a Reset avoids racing it.
 RESET_MARGIN = 0.25
+# Past the early end of a window (see _ServerBucket.closes_at): only clock drift and the
+# server's timestamp granularity are left to cover there.
+EARLY_MARGIN = 0.1
 # How long a 429 pauses the token when the answer carries no usable Reset header.
 FALLBACK_PAUSE = 60.0
-# Cap on any single wait, so a wild Reset (a year ahead) cannot freeze the daemon.
+# Cap on any single wait after a 429, so a wild Reset (a year ahead) cannot freeze the daemon.
 MAX_PAUSE = 3600.0
+# The API's documented window for both buckets (one minute).
+API_WINDOW = 60.0
 
 
 @dataclass
 class _ServerBucket:
+    """One server bucket as seen from this token's answers.
+
+    A window ends by its ``Reset``, and, when the window's length ``W`` is known, no later than
+    ``W`` after our earliest answer counted in it: the window began when its first call
+    arrived, before any answer counted in it was sent. Whole-second Resets make the first
+    bound up to a second late; the second has no rounding in it and reads only our own clock.
+    It assumes what the API documents, a window lasting W from its first request's arrival;
+    a server that ran its windows to the whole-second Reset would answer the early call with
+    a 429, after which this bucket waits for Reset again.
+    """
+
     limit: int | None = None
     remaining: int | None = None  # estimate: last reported Remaining minus calls sent since
     reset: float | None = None  # when the current window closes (reported, or estimated)
-    opened: float | None = None  # when we sent the first call of the current window
-    period: float = 60.0  # the window's length, learned from Reset; the API documents 1 min
     reset_guessed: bool = False  # reset is our estimate (now + period), not yet reported
+    first_answer: float | None = None  # our earliest answer counted in the current window
+    # Bounds on the window length proven by windows our own call opened (Remaining was
+    # Limit - 1): it arrived after we sent it and before we read the answer, and the whole-
+    # second Reset is at most a second after the true end.
+    longest: float | None = None
+    shortest: float = 0.0
+    early: bool = True  # may windows close before Reset? Off after a 429 that followed one
+    opened_early: bool = False  # the current window was opened before its Reset
+    probe_at: float | None = None  # a Reset too far ahead is not waited for past this
+    probing: bool = False  # a probe through a far Reset is out: its answer is believed as is
+    opened_at: float | None = None  # when our call opened the current window
+    closed: float | None = None  # the Reset of the window that call closed
+    straddling: int = 0  # calls in flight when it opened, each holding a slot until answered
 
-    def allows(self, now: float) -> bool:
-        if self.reset is None or now >= self.reset + RESET_MARGIN:
-            # Rolled over (the next call opens a new window), or no Reset was ever reported:
-            # then only the budget paces us and a 429 will tell us more.
-            return True
-        return self.remaining is None or self.remaining > 0
+    @property
+    def period(self) -> float:
+        """The window length to assume for a window we opened and know nothing else about."""
+        return self.longest if self.longest is not None else API_WINDOW
 
-    def blocked_until(self) -> float:
-        return (self.reset or 0.0) + RESET_MARGIN
+    def window(self, configured: float) -> float | None:
+        """The window length that may bound a window's end, or None while not known.
 
-    def on_send(self, now: float) -> None:
-        if self.reset is not None and now >= self.reset + RESET_MARGIN:
+        The configured period is believed unless a window we opened proved the server's
+        longer (the period then differs from the server's); the proven bound holds either way.
+        """
+        if self.longest is None:
+            return None
+        length = min(configured, self.longest) if configured > self.shortest else self.longest
+        return length if length >= 1.0 else None  # below 1 s, Resets cannot tell windows apart
+
+    def closes_at(self, configured: float, in_flight: int) -> float | None:
+        """When the next call opens a new window; None when no window is known."""
+        if self.reset is None:
+            return None
+        closes = self.reset + RESET_MARGIN
+        length = self.window(configured)
+        # Early only with nothing in flight: a call sent before the end but arriving after it
+        # would count in the next window without our knowing.
+        if self.early and length and self.first_answer is not None and in_flight == 0:
+            closes = min(closes, self.first_answer + length + EARLY_MARGIN)
+        return closes
+
+    def wait(self, now: float, configured: float, in_flight: int) -> float:
+        """Seconds until this bucket lets the next call go; 0 or less means now."""
+        closes = self.closes_at(configured, in_flight)
+        if closes is None or now >= closes or self.remaining is None or self.remaining > 0:
+            # Rolled over (the next call opens a new window), room left, or nothing known:
+            # then only the budget paces us and a 429 would tell us more.
+            return 0.0
+        if self.probe_at is not None:
+            return min(closes, self.probe_at) - now
+        return closes - now
+
+    def on_send(self, now: float, configured: float, in_flight: int) -> None:
+        closes = self.closes_at(configured, in_flight)
+        if closes is not None and now >= closes:
             # A new window opens with this call. Its size is the last known limit; until an
-            # answer reports its Reset, assume it lasts as long as the previous one.
-            self.remaining, self.opened = self.limit, now
+            # answer reports its Reset, assume it lasts as long as windows do.
+            assert self.reset is not None
+            self.opened_early, self.closed = now < self.reset + RESET_MARGIN, self.reset
+            self.first_answer, self.probe_at = None, None
             self.reset, self.reset_guessed = now + self.period, True
+            # Calls still in flight may reach the server after the old window ended and count
+            # in this one: each keeps a slot until its answer says which window it was in.
+            self.remaining = None if self.limit is None else self.limit - in_flight
+            self.opened_at, self.straddling = now, in_flight
+        elif self._may_probe(now):
+            # One call through a Reset too far ahead to be believed; its answer tells.
+            self.probing, self.probe_at = True, now + _far(configured)
+            return
         if self.remaining is not None:
             self.remaining -= 1
 
-    def on_answer(self, info: RateLimitBucket, in_flight: int, now: float) -> None:
+    def _may_probe(self, now: float) -> bool:
+        exhausted = self.remaining is not None and self.remaining <= 0
+        return exhausted and self.probe_at is not None and now >= self.probe_at
+
+    def on_answer(
+        self,
+        info: RateLimitBucket,
+        in_flight: int,
+        now: float,
+        sent_at: float | None,
+        configured: float,
+    ) -> None:
+        """Learn from one answer; ``sent_at`` is None for another instance's (shared) answer."""
         if info.limit is not None:
             self.limit = info.limit
-        if info.reset is not None and info.reset + RESET_MARGIN <= now:
-            # A window that has already closed (a stale answer, a proxy's cached headers): its
-            # Remaining says nothing about the current one and must not freeze the token.
+        if sent_at is not None:
+            self._settle_straddler(info, sent_at)
+        if info.reset is not None and (
+            info.reset + RESET_MARGIN <= now
+            or (self.closed is not None and info.reset <= self.closed)
+        ):
+            # A window that has already closed (a stale answer, a proxy's cached headers, an
+            # instance's answer from before we opened the next): its Remaining says nothing
+            # about the current one and must not freeze the token.
             return
+        own = sent_at is not None
+        if sent_at is not None:
+            self._measure(info, sent_at, now, configured)
         # Within a window we know about, our own count (decremented on every send) is exact
         # for our calls and answers arrive out of order, so the estimate only goes down. An
         # answer from a window we did not see open (another client rolled it) replaces the
-        # estimate, less the calls still in flight that it may not count yet.
+        # estimate, less the calls still in flight that it may not count yet; so does the
+        # answer to a probe.
         unseen = info.reset is not None and (
             self.reset is None or (not self.reset_guessed and info.reset > self.reset + 1)
         )
+        believe = unseen or (own and self.probing)
         if info.remaining is not None:
-            if self.remaining is None or unseen:
+            if self.remaining is None or believe:
                 self.remaining = max(0, info.remaining - in_flight)
             else:
                 self.remaining = min(self.remaining, info.remaining)
-        if info.reset is not None and (unseen or self.reset_guessed):
-            if self.opened is not None and info.reset > self.opened:
-                self.period = info.reset - self.opened
+        if info.reset is not None and (believe or self.reset_guessed):
             self.reset, self.reset_guessed = info.reset, False
-        if self.opened is None:
-            self.opened = now
+            self.first_answer = now if own else None
+            far = _far(configured)
+            self.probe_at = now + far if info.reset - now > far else None
+        elif own and info.reset is not None and self.reset is not None:
+            if abs(info.reset - self.reset) <= 1 and self.first_answer is None:
+                self.first_answer = now
+        if own:
+            self.probing = False
+
+    def _settle_straddler(self, info: RateLimitBucket, sent_at: float) -> None:
+        """Free the slot a call in flight at the window's opening held, if it counted before."""
+        if not self.straddling or self.opened_at is None or sent_at >= self.opened_at:
+            return
+        self.straddling -= 1
+        earlier = info.reset is not None and self.reset is not None and info.reset < self.reset - 1
+        if earlier and self.remaining is not None:
+            self.remaining += 1
+
+    def _measure(
+        self, info: RateLimitBucket, sent_at: float, now: float, configured: float
+    ) -> None:
+        """Narrow the window length's bounds when this answer's call opened its window."""
+        limit = info.limit if info.limit is not None else self.limit
+        if limit is None or info.remaining != limit - 1 or info.reset is None:
+            return
+        if info.reset - now > _far(configured):
+            return  # a wild Reset proves nothing
+        longest = info.reset - sent_at
+        self.longest = longest if self.longest is None else min(self.longest, longest)
+        self.shortest = max(self.shortest, info.reset - 1 - now)
+
+
+def _far(configured: float) -> float:
+    """How far ahead a believable Reset can be: one window (configured or documented)."""
+    return max(configured, API_WINDOW) + 1 + RESET_MARGIN
 
 
 class SharedView(Protocol):
@@ -167,8 +294,9 @@ class Limiter:
             self._in_flight -= 1
             if result is not None and result.status_code is not None:
                 self._answered = True
-                self._learn(result.buckets)
+                self._learn(result.buckets, permit.sent_at)
                 if limited:
+                    self._distrust_early()
                     self._pause(result.buckets)
             paused_until = self._paused_until if limited else None
             self._lock.notify_all()
@@ -199,8 +327,7 @@ class Limiter:
             if self._window_used >= self.budget.count:
                 waits.append(self._window_start + self.budget.period - now)
         for bucket in self._buckets.values():
-            if not bucket.allows(now):
-                waits.append(bucket.blocked_until() - now)
+            waits.append(bucket.wait(now, self.budget.period, self._in_flight))
         return max(waits)
 
     def _is_probing(self) -> bool:
@@ -213,17 +340,28 @@ class Limiter:
             self._window_start, self._window_used = now, 0
         self._window_used += 1
         for bucket in self._buckets.values():
-            bucket.on_send(now)
+            bucket.on_send(now, self.budget.period, self._in_flight)
         self._in_flight += 1
         heapq.heappop(self._queue)
         return Permit(waiter.order, now)
 
-    def _learn(self, reported: Iterable[RateLimitBucket]) -> None:
+    def _learn(self, reported: Iterable[RateLimitBucket], sent_at: float) -> None:
         now = clock.epoch()
         for info in reported:
             self._buckets.setdefault(info.name, _ServerBucket()).on_answer(
-                info, self._in_flight, now
+                info, self._in_flight, now, sent_at, self.budget.period
             )
+
+    def _distrust_early(self) -> None:
+        """A 429 in a window opened before its Reset: the window length was wrong somehow."""
+        for name, bucket in self._buckets.items():
+            if bucket.early and bucket.opened_early:
+                bucket.early = False
+                log.warning(
+                    "A 429 followed a %s window opened before its Reset; waiting for Reset "
+                    "from now on",
+                    name,
+                )
 
     def _merge_shared(self, now: float) -> None:
         """Fold in what other instances on this token learned (their answers and 429s)."""
@@ -231,12 +369,13 @@ class Limiter:
             return
         for name, view in self._shared.read().items():
             if view.paused_until is not None and view.paused_until > now:
-                self._paused_until = max(self._paused_until, min(view.paused_until,
-                                                                 now + MAX_PAUSE))
+                self._paused_until = max(
+                    self._paused_until, min(view.paused_until, now + MAX_PAUSE)
+                )
             if view.remaining is not None and view.reset is not None and name != "pause":
                 bucket = self._buckets.setdefault(name, _ServerBucket())
                 info = RateLimitBucket(name, None, view.remaining, view.reset)
-                bucket.on_answer(info, self._in_flight, now)
+                bucket.on_answer(info, self._in_flight, now, None, self.budget.period)
 
     def _pause(self, reported: Iterable[RateLimitBucket]) -> None:
         now = clock.epoch()

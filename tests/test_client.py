@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -46,10 +49,12 @@ def sim() -> Iterator[Simulator]:
 
 @pytest.fixture(autouse=True)
 def no_env_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Loopback tests must not be sent through a proxy the CI machine happens to set."""
+    """Loopback tests must not use a proxy or CA bundle the CI machine happens to set."""
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
         monkeypatch.delenv(name, raising=False)
         monkeypatch.delenv(name.lower(), raising=False)
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
 
 
 def make_caller(base_url: str, token: str = TOKEN, **api: Any) -> Caller:
@@ -68,7 +73,7 @@ def send(base_url: str, test_id: str = "105", aid: str | None = None, **api: Any
 class ScriptedServer:
     """A tiny stdlib server whose handler function writes the raw answer itself."""
 
-    def __init__(self, handle: Any) -> None:
+    def __init__(self, handle: Any, tls: tuple[str, str] | None = None) -> None:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -84,6 +89,10 @@ class ScriptedServer:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.server.handle_error = lambda *args: None  # type: ignore[method-assign]
+        if tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v7"
         threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
 
@@ -91,6 +100,61 @@ class ScriptedServer:
         self.release.set()
         self.server.shutdown()
         self.server.server_close()
+
+
+class RawServer:
+    """Records the exact bytes of every request head; answers 200 (a CONNECT: 403 and hangs up).
+
+    Plays the API for byte-level checks and an HTTP proxy for the environment's proxy settings.
+    """
+
+    OK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+
+    def __init__(self, answer: bytes = OK) -> None:
+        self.answer = answer
+        self.heads: list[bytes] = []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def lines(self) -> list[str]:
+        """The request lines received, in order."""
+        return [head.split(b"\r\n", 1)[0].decode() for head in self.heads]
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._talk, args=(conn,), daemon=True).start()
+
+    def _talk(self, conn: socket.socket) -> None:
+        buffer = b""
+        with conn:
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buffer += data
+                head, _, buffer = buffer.partition(b"\r\n\r\n")  # no body: Content-Length 0
+                self.heads.append(head)
+                if head.startswith(b"CONNECT "):
+                    conn.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+                    return
+                conn.sendall(self.answer)
+
+
+@pytest.fixture
+def raw() -> Iterator[RawServer]:
+    server = RawServer()
+    yield server
+    server.close()
 
 
 # -- the request -------------------------------------------------------------------------------
@@ -122,6 +186,47 @@ def test_request_is_exactly_spec_section_1(sim: Simulator) -> None:
     assert got.header("Content-Type") is None
     assert got.header("Transfer-Encoding") is None
     assert got.body == b""
+
+
+def test_request_bytes_are_the_same_on_every_call(raw: RawServer) -> None:
+    # Pinned from the caller as it was before requests were prepared once per URL: the reuse
+    # must not change a byte, on the first call or any later one.
+    expected = (
+        "POST /v7/tests/105/run?aid=1234 HTTP/1.1\r\n"
+        f"Host: 127.0.0.1:{raw.port}\r\n"
+        f"User-Agent: te-scheduler/{__version__}\r\n"
+        "Accept-Encoding: gzip, deflate\r\n"
+        "Accept: application/json\r\n"
+        "Connection: keep-alive\r\n"
+        "Content-Length: 0\r\n"
+        f"Authorization: Bearer {TOKEN}"
+    ).encode()
+    caller = make_caller(raw.url + "/v7")
+    try:
+        outcomes = [caller.send("105", "1234").outcome for _ in range(3)]
+        outcomes.append(caller.send("a b", None).outcome)
+    finally:
+        caller.close()
+    assert outcomes == ["success"] * 4
+    assert raw.heads[:3] == [expected] * 3
+    assert raw.heads[3] == expected.replace(b"105/run?aid=1234", b"a%20b/run")
+
+
+def test_cookies_the_server_sets_are_sent_back_as_requests_does() -> None:
+    answer = b"HTTP/1.1 200 OK\r\nSet-Cookie: lb=node7; Path=/\r\nContent-Length: 0\r\n\r\n"
+    server = RawServer(answer)
+    caller = make_caller(server.url + "/v7")
+    try:
+        for _ in range(3):
+            assert caller.send("105", None).outcome == "success"
+    finally:
+        caller.close()
+        server.close()
+    cookies = [
+        [line for line in head.split(b"\r\n") if line.startswith(b"Cookie:")]
+        for head in server.heads
+    ]
+    assert cookies == [[], [b"Cookie: lb=node7"], [b"Cookie: lb=node7"]]
 
 
 def test_no_aid_means_no_query(sim: Simulator) -> None:
@@ -419,3 +524,157 @@ def test_configured_proxy_wins_over_the_environment(
     result = send("http://api.te.invalid/v7", proxy=sim.url.removesuffix("/v7"))
     assert result.outcome == "success"
     assert sim.requests[0].header("Host") == "api.te.invalid"
+
+
+# -- the environment, read once when the caller is built ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("no_proxy", "host", "via_proxy"),
+    [
+        (None, "127.0.0.1", True),
+        ("127.0.0.1", "127.0.0.1", False),
+        ("example.com, 127.0.0.0/8", "127.0.0.1", False),  # CIDR, spaces: requests' parsing
+        ("example.com", "127.0.0.1", True),
+        (".localhost", "localhost", False),  # a domain suffix
+        ("other.localhost", "localhost", True),
+    ],
+)
+def test_http_proxy_and_no_proxy_from_the_environment(
+    sim: Simulator,
+    raw: RawServer,
+    monkeypatch: pytest.MonkeyPatch,
+    no_proxy: str | None,
+    host: str,
+    via_proxy: bool,
+) -> None:
+    monkeypatch.setenv("HTTP_PROXY", raw.url)  # raw plays the proxy and answers 200 itself
+    if no_proxy is not None:
+        monkeypatch.setenv("NO_PROXY", no_proxy)
+    base = f"http://{host}:{sim.port}/v7"
+    caller = make_caller(base)
+    try:
+        results = [caller.send("105", "1") for _ in range(2)]
+    finally:
+        caller.close()
+    assert [r.outcome for r in results] == ["success", "success"]
+    if via_proxy:
+        assert raw.lines() == [f"POST {base}/tests/105/run?aid=1 HTTP/1.1"] * 2
+        assert sim.requests == []
+    else:
+        assert raw.lines() == []
+        assert [r.path for r in sim.requests] == ["/v7/tests/105/run"] * 2
+
+
+def test_lowercase_no_proxy_wins_like_curl(
+    sim: Simulator, raw: RawServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("http_proxy", raw.url)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setenv("no_proxy", "example.com")  # requests reads the lowercase one first
+    assert send(sim.url).outcome == "success"
+    assert raw.lines() == [f"POST {sim.url}/tests/105/run HTTP/1.1"]
+
+
+def test_https_proxy_from_the_environment_is_tunnelled_through(
+    raw: RawServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", raw.url)
+    result = send("https://api.te.invalid/v7", timeout=2.0)
+    assert raw.lines() == ["CONNECT api.te.invalid:443 HTTP/1.0"]  # http.client says 1.0
+    assert (result.outcome, result.status_code) == ("network_error", None)
+    assert result.error is not None and "403" in result.error
+
+
+def test_environment_is_read_when_the_caller_is_built(
+    sim: Simulator, raw: RawServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HTTP_PROXY", raw.url)
+    caller = make_caller(sim.url)
+    monkeypatch.delenv("HTTP_PROXY")  # a reload builds a new caller; a call does not re-read
+    try:
+        assert caller.send("105", None).outcome == "success"
+    finally:
+        caller.close()
+    assert raw.lines() == [f"POST {sim.url}/tests/105/run HTTP/1.1"]
+    assert sim.requests == []
+
+
+@pytest.fixture(scope="module")
+def tls_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A throwaway self-signed certificate for 127.0.0.1 and its key."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    where = tmp_path_factory.mktemp("tls")
+    cert, key = str(where / "cert.pem"), str(where / "key.pem")
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            key,
+            "-out",
+            cert,
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+@pytest.fixture
+def tls_url(tls_pair: tuple[str, str]) -> Iterator[str]:
+    """An HTTPS server on loopback answering 200, with the self-signed certificate."""
+
+    def ok(handler: BaseHTTPRequestHandler, server: ScriptedServer) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    server = ScriptedServer(ok, tls=tls_pair)
+    yield server.url.replace("http://", "https://")
+    server.close()
+
+
+@pytest.mark.parametrize(
+    ("bundles", "outcome"),
+    [
+        ({}, "network_error"),  # the default trust store does not know the certificate
+        ({"REQUESTS_CA_BUNDLE": "cert"}, "success"),
+        ({"CURL_CA_BUNDLE": "cert"}, "success"),
+        ({"REQUESTS_CA_BUNDLE": "cert", "CURL_CA_BUNDLE": "/nonexistent.pem"}, "success"),
+    ],
+)
+def test_ca_bundle_from_the_environment_is_used_for_verification(
+    tls_url: str,
+    tls_pair: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    bundles: dict[str, str],
+    outcome: str,
+) -> None:
+    for name, value in bundles.items():
+        monkeypatch.setenv(name, tls_pair[0] if value == "cert" else value)
+    result = send(tls_url)
+    assert result.outcome == outcome, result.error
+    if outcome != "success":
+        assert result.error is not None and "CERTIFICATE_VERIFY_FAILED" in result.error
+
+
+def test_verify_tls_false_wins_over_a_ca_bundle_in_the_environment(
+    tls_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # requests lets REQUESTS_CA_BUNDLE switch verification back on (psf/requests#3829); a
+    # config that says `verify_tls: false` means it, whatever the environment holds.
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/nonexistent.pem")
+    result = send(tls_url, verify_tls=False)
+    assert result.outcome == "success", result.error
