@@ -83,7 +83,9 @@ def run(settings: Settings) -> Section:
         "through. The cases run side by side, each with its own simulator process (and "
         "alongside the history generation of scenario 5): they are bound by the rate-limit "
         "windows, not by CPU. The simulator's Reset header is a whole second (as the "
-        "API's), so a client that waits for it starts each window up to a second late."
+        "API's), so a client that waits for it starts each window up to a second late; "
+        "te-scheduler closes a window at the earlier of Reset and its first own answer in "
+        "that window plus the window length it learned, then adds a 0.1 s margin."
     )
     return section
 
@@ -112,7 +114,7 @@ def _per_window(section: Section, settings: Settings) -> None:
     late = (te["makespan"] - ideal(n, limit, window)) / windows
     section.notes.append(
         f"te-scheduler opened each of the {windows} later windows {late:.2f} s late on "
-        f"average with N={n}: it waits for the whole-second Reset plus its 0.25 s margin. "
+        f"average with N={n} (the 0.1 s margin, the round trip and the firing threads). "
         f"With the API's 60 s windows the same delay would be {late * windows / 60:.2f} "
         "windows over ideal."
     )
