@@ -244,9 +244,13 @@ class Daemon:
         for job_id, entry in wanted.items():
             old = self._entries.get(job_id)
             if old is not None and old.timing == entry.timing:
+                if old != entry:  # same slots, other settings (aid, retry ...): keep next fire
+                    self.scheduler.modify_job(job_id, args=(job_id, entry))
                 continue
             trigger, first = triggers.of(entry)
-            self.scheduler.add_job(self._on_due, trigger=trigger, args=(job_id,), id=job_id,
+            # The entry rides with its trigger: a reload swaps self._entries only after the
+            # adds, and a job added (or re-timed) by it may fire before that.
+            self.scheduler.add_job(self._on_due, trigger=trigger, args=(job_id, entry), id=job_id,
                                    name=job_id, replace_existing=True, **first)
             changes += 1
         self._entries = wanted
@@ -257,14 +261,13 @@ class Daemon:
         return self._caller.send(test_id, aid)
 
     def _on_due(
-        self, job_id: str, run_times: list[datetime] | None = None,
+        self, job_id: str, entry: Entry | None = None, run_times: list[datetime] | None = None,
         submitted: datetime | None = None,
     ) -> None:
         # run_times and submitted come from FiringExecutor; they default to None only because
         # APScheduler's add_job checks that every parameter is supplied or has a default.
-        entry = self._entries.get(job_id)
         if entry is None or not run_times or submitted is None or self.stop.is_set():
-            return  # removed by a reload, or shutting down
+            return  # shutting down
         # In UTC: subtracting from a zone-aware time is wall-clock arithmetic and drops fold.
         slots = [run_time.astimezone(timezone.utc) - entry.offset for run_time in run_times]
         latest = slots[-1]

@@ -186,3 +186,23 @@ def test_a_reload_never_cuts_a_call_in_flight(tmp_path, simulator, db_url, start
     slow = max(of(rows(db_url), test_id="105"), key=lambda r: r["duration_ms"] or 0)
     assert (slow["outcome"], slow["status_code"]) == ("success", 200)
     assert calls_after(simulator, "105", reloaded + 0.3) == []
+
+
+def test_a_settings_only_change_applies_from_the_next_firing_without_rescheduling(
+    tmp_path, simulator, db_url, start_daemon
+):
+    cfg = write_config(tmp_path / "jobs.yaml", KEEP, base_url=simulator.url, db_url=db_url)
+    daemon = start_daemon(cfg)
+    wait_until(lambda: finished(db_url, "105"), what="a first call")
+    with_aid = KEEP.replace("{every: 1s}", "{every: 1s}\n    aid: 77")
+    assert with_aid != KEEP
+    cfg.write_text(config_text(tmp_path, with_aid, simulator.url, db_url))
+    daemon.send(signal.SIGHUP)
+    daemon.wait_for_log("Reloaded")
+    reloaded = time.time()
+    wait_until(lambda: [r for r in list(simulator.requests)
+                        if r.received_at > reloaded + 0.1 and r.query.get("aid") == ["77"]],
+               what="a call with the new account group")
+    assert daemon.stop() == 0
+    [line] = reloads(daemon.log)
+    assert "0 schedule change" in line  # the same slots: nothing was rescheduled
