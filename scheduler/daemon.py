@@ -114,6 +114,7 @@ class Daemon:
         self._reload_requested = False
         self._file_state = _file_state(config.path)
         self._next_prune = clock.now()
+        self._pruner: threading.Thread | None = None
         self._next_sweep = clock.now()
         self._schedule_started: datetime | None = None
         # Catch-up firings wait here rather than each on a thread of its own: thousands of
@@ -179,6 +180,8 @@ class Daemon:
         )
         if marked:
             log.warning("Marked %d unfinished attempt(s) as interrupted", marked)
+        if self._pruner is not None:
+            self._pruner.join(5.0)  # it stops between batches once self.stop is set
         self.heartbeat.stop()
         self._quietly(instances.mark_stopped, self.engine, self.instance, clock.now())
         self.observers.notifier.close(5.0)
@@ -377,10 +380,20 @@ class Daemon:
         return instances.SharedLimits(self.engine, self._connection[1], self.instance)
 
     def _prune(self, now: datetime) -> None:
+        """Start the daily prune on its own thread; the main loop must stay free for signals
+        and reloads while a big first prune (paced to leave the writer lock free) runs."""
         retention = self.config.history.retention
         assert retention is not None
         self._next_prune = now + timedelta(days=1)
-        deleted = self._quietly(history.prune, self.engine, before=now - retention)
+        if self._pruner is not None and self._pruner.is_alive():
+            return  # yesterday's is still going
+        self._pruner = threading.Thread(target=self._prune_now, args=(now, retention),
+                                        name="prune", daemon=True)
+        self._pruner.start()
+
+    def _prune_now(self, now: datetime, retention: timedelta) -> None:
+        deleted = self._quietly(history.prune, self.engine, before=now - retention,
+                                stop=self.stop)
         self._quietly(instances.forget_instances, self.engine, now - max(retention,
                                                                           timedelta(days=7)))
         if deleted:

@@ -155,3 +155,35 @@ jobs:
     assert failing["test_id"] == "105" and failing["failures"] == 3
     assert failing["last_error"] == "Internal Server Error: down" and "text" in failing
     assert recovered["event"] == "recovered" and recovered["test_id"] == "105"
+
+
+def test_the_daemon_prunes_past_retention_in_the_background(tmp_path: Path, simulator, db_url,
+                                                            start_daemon):
+    from datetime import datetime, timedelta, timezone
+
+    from scheduler import db, history
+
+    engine = db.make_engine(db_url)
+    db.upgrade(engine)
+    old = datetime.now(timezone.utc) - timedelta(days=3)
+    for n in range(450):  # more than one batch
+        key = history.AttemptKey(f"old-{n}", "gone", "105", None, "schedule",
+                                 old + timedelta(seconds=n), 1, "host:1")
+        history.record_attempt(engine, key, started_at=old + timedelta(seconds=n),
+                               outcome="success", error=None, status_code=200)
+    jobs = """\
+jobs:
+  - name: pulse
+    tests: [105]
+    schedule: {every: 1s}
+"""
+    cfg = write_config(tmp_path / "jobs.yaml", jobs, base_url=simulator.url, db_url=db_url)
+    cfg.write_text(cfg.read_text().replace("history:\n", "history:\n  retention: 1d\n"))
+    daemon = start_daemon(cfg)
+    daemon.wait_for_log("Pruned 450 history row(s) older than")
+    wait_until(lambda: any(r["job"] == "pulse" and r["outcome"] == "success"
+                           for r in history.query(engine)), what="the job firing meanwhile")
+    daemon.send(signal.SIGTERM)
+    assert daemon.proc.wait(timeout=40) == 0
+    assert {r["job"] for r in history.query(engine, limit=0)} == {"pulse"}
+    engine.dispose()
