@@ -7,6 +7,7 @@ pacing, retries, history) is the runner's.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -20,6 +21,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.base import BaseScheduler
 from apscheduler.triggers.base import BaseTrigger
 from sqlalchemy.engine import Engine
@@ -248,7 +250,8 @@ class Daemon:
             old = self._entries.get(job_id)
             if old is not None and old.timing == entry.timing:
                 if old != entry:  # same slots, other settings (aid, retry ...): keep next fire
-                    self.scheduler.modify_job(job_id, args=(job_id, entry))
+                    with contextlib.suppress(JobLookupError):  # a one-off that already fired
+                        self.scheduler.modify_job(job_id, args=(job_id, entry))
                 continue
             trigger, first = triggers.of(entry)
             # The entry rides with its trigger: a reload swaps self._entries only after the
