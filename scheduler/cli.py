@@ -7,6 +7,7 @@ failed, 2 bad usage or bad config, 3 database unreachable or not migrated.
 from __future__ import annotations
 
 import difflib
+import re
 import secrets
 import signal
 import sys
@@ -24,6 +25,7 @@ from scheduler.config import Config
 from scheduler.errors import ConfigError, DatabaseError, SchedulerError, UsageError
 from scheduler.logs import FORMATS as LOG_FORMATS
 from scheduler.logs import LEVELS, setup_logging
+from scheduler.messages import short
 from scheduler.outcomes import OUTCOMES
 
 HISTORY_COLUMNS = ("id", "run_id", "job", "test_id", "aid", "trigger", "scheduled_for",
@@ -163,13 +165,15 @@ def validate(state: State) -> None:
     config = state.load()
     now = clock.now()
     rows = []
+    next_fires: dict[Any, datetime | None] = {}  # by schedule: big files repeat a few of them
     for job in config.jobs:
-        next_fire = build_trigger(job.schedule).get_next_fire_time(None, now)
+        if job.enabled and job.schedule not in next_fires:
+            next_fires[job.schedule] = build_trigger(job.schedule).get_next_fire_time(None, now)
         rows.append({
             "job": job.name,
             "tests": _short_list(job.tests),
             "schedule": describe(job.schedule),
-            "next": next_fire if job.enabled else "disabled",
+            "next": next_fires[job.schedule] if job.enabled else "disabled",
         })
     click.echo(render.table(rows, ("job", "tests", "schedule", "next")))
     for warning in build_plan(config, now).warnings:
@@ -373,10 +377,20 @@ def current(state: State) -> None:
 @click.argument("revision")
 @pass_state
 def downgrade(state: State, revision: str) -> None:
-    """Migrate the history database down to REVISION ('base' removes every table)."""
+    """Migrate the history database down to REVISION ('base' removes every table).
+
+    REVISION is a revision id (see `te-scheduler db current`), `base`, or `-N` for N steps
+    down (after `--`: `te-scheduler db downgrade -- -1`).
+    """
     from scheduler import db
 
-    engine = db.make_engine(state.database_url())
+    scripts = _migration_scripts()
+    chain = [script.revision for script in scripts.walk_revisions()]  # newest first, one line
+    target = _downgrade_target(scripts, revision, chain)  # exit 2 before any database work
+    url = state.database_url()
+    _require_existing_sqlite(url)
+    engine = db.make_engine(url)
+    _require_below(revision, target, db.current(engine), chain)
     db.downgrade(engine, revision)
 
 
@@ -435,7 +449,7 @@ def _emit(rows: list[dict[str, Any]], fmt: str, table_columns: tuple[str, ...],
         click.echo(render.json_text(rows))
     elif fmt == "csv":
         click.echo(render.csv_text(rows, all_columns))
-    elif rows:
+    else:
         click.echo(render.table(rows, table_columns))
 
 
@@ -455,6 +469,51 @@ def _require_existing_sqlite(url: str) -> None:
                 f"no history database at {path} (check --db, TE_SCHEDULER_DB or history.url; "
                 "`te-scheduler db upgrade` creates it)"
             )
+
+
+def _migration_scripts() -> Any:
+    """Alembic's ScriptDirectory of te-scheduler's migrations."""
+    from alembic.script import ScriptDirectory
+
+    from scheduler import db
+
+    return ScriptDirectory.from_config(db.alembic_config())
+
+
+def _downgrade_target(scripts: Any, revision: str, chain: list[str]) -> str | None:
+    """The revision id REVISION names (None for base, or for -N until the database is read).
+
+    Alembic would say the same after connecting and then fail as a database error (exit 3);
+    a revision that does not exist is a bad argument (exit 2).
+    """
+    if revision == "base" or re.fullmatch(r"-[1-9][0-9]{0,5}", revision):
+        return None
+    try:
+        found = scripts.get_revision(revision) if revision else None
+    except Exception:  # CommandError, RevisionError, even AssertionError for "@": all "no such"
+        found = None
+    if found is None or found.revision not in chain:
+        raise UsageError(f"unknown revision {short(revision, 40)}; known: base, "
+                         f"{', '.join(reversed(chain))} (or -N for N steps down)")
+    return str(found.revision)
+
+
+def _require_below(revision: str, target: str | None, at: str | None,
+                   chain: list[str]) -> None:
+    """Refuse a downgrade REVISION that is not at or below the database's revision ``at``.
+
+    A database at a revision these scripts do not know is left to Alembic (exit 3).
+    """
+    if at is not None and at not in chain:
+        return
+    below = chain[chain.index(at):] if at is not None else []  # ``at`` and what lies under it
+    if revision.startswith("-"):
+        if int(revision[1:]) > len(below):
+            raise UsageError(f"cannot go {revision[1:]} step(s) down: the database is at "
+                             f"{at or 'base'}, {len(below)} step(s) above base")
+    elif target is not None and target not in below:
+        raise UsageError(f"the database is at {at or 'base'}, below {target}; downgrade only "
+                         "goes down (`te-scheduler db upgrade` goes up)")
 
 
 def _short_list(items: tuple[str, ...], most: int = 4) -> str:

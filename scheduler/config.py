@@ -10,9 +10,12 @@ re-exported for the CLI.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -121,13 +124,31 @@ def load(path: str | Path) -> Config:
 
     file = str(path)
     absolute = Path(os.path.abspath(path))
-    doc = read_document(absolute, file)
-    checker = Checker(file, doc)
-    config = schema.build_config(checker, absolute, doc.root) if not doc.fatal else None
+    with _collector_paused():
+        doc = read_document(absolute, file)
+        checker = Checker(file, doc)
+        config = schema.build_config(checker, absolute, doc.root) if not doc.fatal else None
     if checker.count or config is None:
         raise ConfigError(checker.report())
     log.debug("Loaded %s: %d jobs", file, len(config.jobs))
     return config
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Pause Python's cycle collector while a config is built.
+
+    Loading makes a few objects per value and frees almost none, which is what sets the
+    collector off again and again: it scanned every one of them each time and took 40% of
+    the time for 50,000 jobs. The values form no cycles, so there is nothing to collect.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def load_token(api: ApiConfig) -> str:

@@ -2,13 +2,15 @@
 
 Attempt lines carry structured fields (job, test, run_id, attempt, status, outcome,
 duration, lag) through ``extra=``; the JSON formatter emits them as keys. A filter scrubs
-every secret we know of (the API token) from every record, whatever logged it.
+every secret we know of (the API token) from every record, whatever logged it: a long
+secret wherever it occurs, a short one only as a whole token.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 
@@ -19,29 +21,66 @@ FORMATS = ("text", "json")
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
 
+# A secret this long cannot turn up inside other text by chance, so it is masked wherever
+# it occurs (also glued to other characters, as in a percent-encoded header). A shorter one
+# (a test token like "abc") would garble every word that contains it: masked only as a
+# whole token. ThousandEyes tokens are 36-character UUIDs.
+MASK_ANYWHERE = 8
+# RFC 6750 b64token characters: a short secret counts only where none of them touch it.
+_TOKEN_CHAR = r"A-Za-z0-9\-._~+/"
+
+
 class SecretFilter(logging.Filter):
-    """Replaces known secrets in a record's message with ``***``."""
+    """Replaces known secrets with ``***`` in a record's message, fields and traceback."""
 
     def __init__(self) -> None:
         super().__init__()
         self.secrets: set[str] = set()
+        self._pattern: re.Pattern[str] | None = None
+
+    def add(self, secret: str) -> None:
+        """Mask ``secret`` from now on."""
+        self.secrets.add(secret)
+        self._pattern = _secrets_pattern(self.secrets)
+
+    def scrub(self, text: str) -> str:
+        """``text`` with every known secret replaced by ``***``."""
+        return self._pattern.sub("***", text) if self._pattern else text
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self.secrets:
-            message = record.getMessage()
-            for secret in self.secrets:
-                message = message.replace(secret, "***")
-            record.msg, record.args = message, None
+        if self._pattern is None:
+            return True
+        record.msg, record.args = self.scrub(record.getMessage()), None
+        for key, value in vars(record).items():
+            if key not in _STANDARD and isinstance(value, str):
+                setattr(record, key, self.scrub(value))
+        if record.exc_info and not record.exc_text:
+            record.exc_text = _PLAIN.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.scrub(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.scrub(record.stack_info)
         return True
 
 
+def _secrets_pattern(secrets: set[str]) -> re.Pattern[str]:
+    """One regex for all secrets, longest first so a secret inside another is not cut."""
+    ordered = sorted(secrets, key=len, reverse=True)
+    anywhere = [re.escape(s) for s in ordered if len(s) >= MASK_ANYWHERE]
+    whole = [re.escape(s) for s in ordered if len(s) < MASK_ANYWHERE]
+    if whole:
+        anywhere.append(f"(?<![{_TOKEN_CHAR}])(?:{'|'.join(whole)})(?![{_TOKEN_CHAR}])")
+    return re.compile("|".join(anywhere))
+
+
 _secrets = SecretFilter()
+_PLAIN = logging.Formatter()
 
 
 def add_secret(secret: str) -> None:
     """Never let ``secret`` reach a log line."""
     if secret:
-        _secrets.secrets.add(secret)
+        _secrets.add(secret)
 
 
 class TextFormatter(logging.Formatter):
@@ -68,8 +107,10 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+        if record.exc_info and not record.exc_text:  # as logging.Formatter caches it
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:  # SecretFilter has scrubbed it
+            entry["exception"] = record.exc_text
         return json.dumps(entry, default=str)
 
 

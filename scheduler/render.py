@@ -30,11 +30,13 @@ def local_time(moment: datetime, zone: str) -> str:
 
 
 def table(rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> str:
-    """An aligned plain-text table with a header line; empty string for no rows."""
+    """An aligned plain-text table with a header line, which is there even with no rows.
+
+    Like ``ps`` and ``docker ps``: the header alone says "nothing matched" where silence
+    could be a failure, and a script skipping the first line works the same either way.
+    """
     body = [[cell(row.get(c)) for c in columns] for row in rows]
-    if not body:
-        return ""
-    widths = [max(len(c), *(len(r[i]) for r in body)) for i, c in enumerate(columns)]
+    widths = [max([len(c), *(len(r[i]) for r in body)]) for i, c in enumerate(columns)]
     lines = [columns, *body]
     return "\n".join(
         "  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip() for line in lines

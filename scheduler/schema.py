@@ -7,10 +7,13 @@ on: the user sees every problem at once. ``build_config`` is the entry point.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+from cronsim import CronSim
 
 from scheduler.addresses import (
     as_base_url,
@@ -35,6 +38,7 @@ from scheduler.config import (
 )
 from scheduler.messages import Key, describe
 from scheduler.notify import NotifyConfig
+from scheduler.triggers import check_cron, format_duration
 from scheduler.values import (
     ZERO,
     as_bool,
@@ -63,6 +67,7 @@ _KINDS = ("cron", "every", "at")
 _SCHEDULE_KEYS = (*_KINDS, "timezone", "start")
 _SECOND = timedelta(seconds=1)
 _TINY = timedelta(microseconds=1)
+_GAP_FIRINGS = 100  # firings read for a cron's shortest gap: 4 years of a monthly one
 
 
 @dataclass(frozen=True)
@@ -184,30 +189,33 @@ def _jobs(ck: Checker, top: dict[str, Any], defaults: _Defaults) -> tuple[Job, .
         ck.error(("jobs",), f"at least one job is required (each with name, tests, schedule)"
                             f"{shown}")
         return ()
-    first_lines: dict[str, int] = {}
-    jobs = (_job(ck, ("jobs", i), item, defaults, first_lines) for i, item in enumerate(raw))
+    first_paths: dict[str, Key] = {}  # where each name was first written
+    jobs = (_job(ck, ("jobs", i), item, defaults, first_paths) for i, item in enumerate(raw))
     return tuple(job for job in jobs if job is not None)
 
 
 def _job(ck: Checker, path: Key, value: Any, dflt: _Defaults,
-         first_lines: dict[str, int]) -> Job | None:
+         first_paths: dict[str, Key]) -> Job | None:
     data = ck.mapping(path, value, _JOB_KEYS)
     if data is None:
         return None
     before = ck.count
-    name = _job_name(ck, path, data, first_lines)
+    name = _job_name(ck, path, data, first_paths)
     tests = _tests(ck, (*path, "tests"), data)
     tz = ck.get(path, data, "timezone", as_timezone, dflt.timezone)
     schedule = _schedule(ck, (*path, "schedule"), data, tz)
     retry = _retry(ck, (*path, "retry"), data["retry"], dflt.retry) if "retry" in data else (
         dflt.retry)
+    spread = ck.get(path, data, "spread", as_duration(), dflt.spread)
+    if schedule is not None and len(tests) > 1 and spread > ZERO:
+        _check_spread(ck, path, "spread" in data, schedule, spread)
     job = Job(
         name=name or "", tests=tests, schedule=schedule or Schedule(),
         aid=ck.get(path, data, "aid", as_optional_id, dflt.aid),
         enabled=ck.get(path, data, "enabled", as_bool, True),
         retry=retry,
         catch_up=ck.get(path, data, "catch_up", as_duration(), dflt.catch_up),
-        spread=ck.get(path, data, "spread", as_duration(), dflt.spread),
+        spread=spread,
         notify=_notify(ck, path, data, dflt.notify),
         line=ck.where(path)[0],
     )
@@ -215,17 +223,16 @@ def _job(ck: Checker, path: Key, value: Any, dflt: _Defaults,
 
 
 def _job_name(ck: Checker, path: Key, data: dict[str, Any],
-              first_lines: dict[str, int]) -> str | None:
+              first_paths: dict[str, Key]) -> str | None:
     if "name" not in data:
         ck.error((*path, "name"), "is required (letters, digits, '.', '_', '-')")
         return None
     name = ck.get(path, data, "name", as_name, None)
-    line = ck.where((*path, "name"))[0]
-    if name is not None and name in first_lines:
-        ck.error((*path, "name"), f"duplicate job name {name!r}; the first is at line "
-                                  f"{first_lines[name]}")
+    if name is not None and name in first_paths:
+        first = ck.where(first_paths[name])[0]
+        ck.error((*path, "name"), f"duplicate job name {name!r}; the first is at line {first}")
     elif name is not None:
-        first_lines[name] = line
+        first_paths[name] = (*path, "name")
     return name
 
 
@@ -237,13 +244,13 @@ def _tests(ck: Checker, path: Key, data: dict[str, Any]) -> tuple[str, ...]:
         ck.error(path, f"is required: {want}" if missing else f"must be {want}, got "
                                                               f"{describe(raw)}")
         return ()
-    tests: list[str] = []
+    tests: dict[str, None] = {}  # ordered, and a lookup is O(1): a list can be a million long
     for i, item in enumerate(raw):
         test = ck.convert((*path, i), item, as_id, None)
         if test is not None and test in tests:
             ck.error((*path, i), f"duplicate test id {test} in this job")
         elif test is not None:
-            tests.append(test)
+            tests[test] = None
     return tuple(tests)
 
 
@@ -254,9 +261,9 @@ def _schedule(ck: Checker, path: Key, job: dict[str, Any], tz: str) -> Schedule 
     data = ck.mapping(path, job["schedule"], _SCHEDULE_KEYS)
     if data is None:
         return None
-    kinds = sorted((kind for kind in _KINDS if kind in data),
-                   key=lambda kind: ck.where((*path, kind), key=True))
+    kinds = [kind for kind in _KINDS if kind in data]
     if len(kinds) != 1:
+        kinds.sort(key=lambda kind: ck.where((*path, kind), key=True))  # name the 2nd written
         where = (*path, kinds[1]) if kinds else path
         both = f"has both {kinds[0]} and {kinds[1]}; it " if kinds else ""
         ck.error(where, f"{both}needs exactly one of cron, every or at", key=bool(kinds))
@@ -273,3 +280,48 @@ def _schedule(ck: Checker, path: Key, job: dict[str, Any], tz: str) -> Schedule 
         return Schedule(tz, every=every, start=start) if every else None
     at = ck.get(path, data, "at", as_time(tz), None)
     return Schedule(tz, at=at) if at else None
+
+
+def _check_spread(ck: Checker, path: Key, own: bool, schedule: Schedule,
+                  spread: timedelta) -> None:
+    """Refuse a spread wider than the gap to the next firing: the firing's last tests would
+    start after the next one began. Equal is fine: the tests then share the interval evenly.
+
+    With one test there is nothing to spread (its offset is 0), so the caller skips it.
+    """
+    if schedule.every:
+        gap, what = schedule.every, f"the interval (every {format_duration(schedule.every)})"
+    elif schedule.cron:
+        gap = _cron_gap(schedule.cron)
+        what = f"the shortest gap between the cron's firings ({format_duration(gap)})"
+    else:
+        return  # ``at`` fires once: no next firing to run into
+    if spread <= gap:
+        return
+    why = "a firing's last tests would start after the next firing"
+    if own:
+        ck.error((*path, "spread"), f"{format_duration(spread)} is longer than {what}: {why}; "
+                                    f"make it at most {format_duration(gap)}")
+    else:
+        ck.error((*path, "schedule", schedule.kind),
+                 f"{what} is shorter than defaults.spread ({format_duration(spread)}): {why}; "
+                 f"set spread on this job, at most {format_duration(gap)}")
+
+
+@functools.lru_cache(maxsize=1024)  # cron expressions repeat across jobs
+def _cron_gap(expr: str) -> timedelta:
+    """The shortest gap between consecutive firings of ``expr``, on wall-clock time.
+
+    Read from the first firings (at most ``_GAP_FIRINGS``) of a 28-year span, after which
+    the calendar repeats; DST days, where a gap can be an hour shorter, are left out.
+    """
+    start = datetime(2001, 1, 1)
+    end = start.replace(year=start.year + 28)
+    times = CronSim(check_cron(expr), start)
+    previous, gap = next(times), end - start
+    for _ in range(_GAP_FIRINGS):
+        moment = next(times)
+        if moment >= end:
+            break
+        gap, previous = min(gap, moment - previous), moment
+    return gap

@@ -37,6 +37,7 @@ _PERIOD_WORDS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60
                  "h": 3600, "hour": 3600}
 MAX_ID_DIGITS = 20  # ids are stored in String(32) columns; 20 digits hold any 64-bit id
 _ID_RE = re.compile(rf"[0-9]{{1,{MAX_ID_DIGITS}}}", re.ASCII)
+_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,100}")
 _ID_HELP = "must be digits only (an id like 105)"
 _ID_TOO_LONG = f"must be an id of at most {MAX_ID_DIGITS} digits"
 
@@ -104,7 +105,11 @@ def parse_when(text: str, now: datetime) -> datetime:
 
 def duration(text: object) -> timedelta:
     """The duration ``text`` stands for; Invalid when it is not one."""
-    stripped = text.strip() if isinstance(text, str) else ""
+    return _duration(text.strip() if isinstance(text, str) else "")
+
+
+@functools.lru_cache(maxsize=1024)  # a big config repeats a few durations thousands of times
+def _duration(stripped: str) -> timedelta:
     match = _DURATION_RE.fullmatch(stripped)
     if match is None:
         if stripped == "0":
@@ -238,7 +243,7 @@ def as_optional_id(value: Any) -> str | None:
 
 def as_name(value: Any) -> str:
     """A job name: 1 to 100 of letters, digits, '.', '_', '-' (the history column's size)."""
-    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9._-]{1,100}", value):
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
         raise Invalid("must be 1 to 100 letters, digits, '.', '_' or '-'")
     return value
 

@@ -21,7 +21,10 @@ from scheduler.errors import ConfigError, ConfigProblem
 from scheduler.messages import Key, describe, is_secret, short
 
 MAX_BYTES = 8 * 1024 * 1024  # the file size cap of SPEC section 3
-MAX_NODES = 250_000  # values after alias expansion: 20,000 typical jobs; 8 MiB in ~2 s at worst
+# Values after alias expansion. 100,000 one-test jobs are 1 M values (and fill the 8 MiB
+# cap); a document at this cap loads in a few seconds, like the biggest real file, and a
+# billion-laughs one is refused as soon as the count passes it, before anything expands.
+MAX_NODES = 2_000_000
 MAX_DEPTH = 20  # nesting levels; jobs.yaml needs 4, and every value keeps its path
 MAX_PROBLEMS = 100  # reported in full; beyond that only counted, like a compiler's error limit
 MAX_READ_PROBLEMS = 1_000  # reading stops here: each costs an exception, and no one reads them
@@ -125,8 +128,12 @@ def _parse(text: str, file: str) -> Doc:
     try:
         loader = _Loader(text)
         builder = _Builder(loader, doc)
-        while loader.check_event():
-            builder.feed(loader.get_event())
+        get_event, handlers = loader.get_event, builder.handlers
+        # This loop runs once per event (about 14 per job): no check_event(), no feed() call.
+        while (event := get_event()) is not None:
+            handler = handlers.get(event.__class__)
+            if handler is not None:
+                handler(event)
     except _Stop as stop:
         doc.problems.append((stop.where, (), stop.message))
         doc.fatal = True
@@ -180,11 +187,6 @@ class _Builder:
             yaml.SequenceEndEvent: self._close, yaml.AliasEvent: self._alias,
             yaml.DocumentStartEvent: self._document}
 
-    def feed(self, event: yaml.Event) -> None:
-        handler = self.handlers.get(type(event))
-        if handler is not None:
-            handler(event)
-
     def _document(self, event: yaml.DocumentStartEvent) -> None:
         self.documents += 1
         if self.documents > 1:
@@ -213,46 +215,59 @@ class _Builder:
             why = "refers to a collection that contains it" if inside else "is not defined above"
             self._problem(where, self._child_path(), f"alias *{name[:40]} {why}")
             self.doc.unreadable.add(self._child_path())
-            self._add(_UNREADABLE, where, self._child_path())
+            self._add(_UNREADABLE, where)
             return
         value, size = self.anchors[name]
         self._count(size, where)  # what expansion would cost, without expanding anything
-        self._add(value, where, self._child_path())
+        self._add(value, where)
 
     def _scalar(self, event: Any) -> None:
         mark = event.start_mark
         where = (mark.line + 1, mark.column + 1)
-        self._count(1, where)
-        path = self._child_path()
-        tag, text = event.tag, event.value
-        if tag is None or tag == "!":
-            if not event.implicit[0]:  # quoted: always text
-                value = text
-            elif text in self.plain:  # resolving is most of the cost; configs repeat values
-                value = self.plain[text]
-            elif len(text) <= 18 and _CANONICAL_INT.fullmatch(text):
-                value = self.plain[text] = int(text)  # as resolved and constructed, but faster
-            elif len(text) <= 32 and _PLAIN_FLOAT.fullmatch(text):
-                value = self.plain[text] = float(text)  # likewise
-            else:
-                tag = self.loader.resolve(yaml.ScalarNode, text, event.implicit)
-                if tag == _MERGE_TAG and self._at_key():
+        self.nodes += 1  # _count(1, where), inline: this runs for every key and value
+        if self.nodes > MAX_NODES:
+            self._count(0, where)
+        tag = event.tag
+        if tag is not None and tag != "!":
+            value = self._construct(tag, event, where)
+        elif not event.implicit[0]:  # quoted: always text
+            value = event.value
+        else:  # resolving is most of the cost, and configs repeat values: cache them
+            value = self.plain.get(event.value, _UNREADABLE)
+            if value is _UNREADABLE:
+                value = self._plain(event, where)
+                if value is _MERGE:
                     self.stack[-1].key = _MERGE
                     return
-                if tag == _INT_TAG and not _CANONICAL_INT.fullmatch(text):
-                    tag = _STR_TAG  # YAML 1.1 reads 0105 as octal 69 and 1:30 as 90
-                value = self._construct(tag, event, where, path)
-                if value is not _UNREADABLE:
-                    self.plain[text] = value
-        else:
-            value = self._construct(tag, event, where, path)
         if event.anchor:
             self.anchors[str(event.anchor)] = (value, 1)
-        self._add(value, where, path)
+        self._add(value, where)
 
-    def _construct(self, tag: str, event: Any, where: Where, path: Key) -> Any:
+    def _plain(self, event: Any, where: Where) -> Any:
+        """An untagged, unquoted scalar's value, as PyYAML resolves it (``_MERGE`` for ``<<``
+        as a key); cached by its text unless it cannot be read."""
+        text = event.value
+        value: Any
+        if len(text) <= 18 and _CANONICAL_INT.fullmatch(text):
+            value = self.plain[text] = int(text)  # as resolved and constructed, but faster
+            return value
+        if len(text) <= 32 and _PLAIN_FLOAT.fullmatch(text):
+            value = self.plain[text] = float(text)  # likewise
+            return value
+        tag = self.loader.resolve(yaml.ScalarNode, text, event.implicit)
+        if tag == _MERGE_TAG and self._at_key():
+            return _MERGE
+        if tag == _INT_TAG and not _CANONICAL_INT.fullmatch(text):
+            tag = _STR_TAG  # YAML 1.1 reads 0105 as octal 69 and 1:30 as 90
+        value = self._construct(tag, event, where)
+        if value is not _UNREADABLE:
+            self.plain[text] = value
+        return value
+
+    def _construct(self, tag: str, event: Any, where: Where) -> Any:
         if tag == _STR_TAG:
             return event.value
+        path = self._child_path()
         constructor = self.loader.yaml_constructors.get(tag) if tag in _SCALAR_TAGS else None
         if constructor is None:
             self._problem(where, path, f"tag {_show_tag(tag)} is not supported here")
@@ -289,7 +304,7 @@ class _Builder:
         value = _UNREADABLE if frame.unreadable else frame.value
         if frame.anchor:
             self.anchors[frame.anchor] = (value, self.nodes - frame.start_nodes)
-        self._add(value, frame.where, frame.path)
+        self._add(value, frame.where)
 
     def _merge(self, frame: _Frame, into: dict[str, Any]) -> None:
         """Apply ``<<: *anchor`` merges: explicit keys win, then earlier merges."""
@@ -321,8 +336,8 @@ class _Builder:
             return (*top.path, top.key)
         return (*top.path, "<<") if top.key is _MERGE else top.path
 
-    def _add(self, value: Any, where: Where, path: Key) -> None:
-        """Put ``value`` (found at ``path``) into its parent, or make it a key of it."""
+    def _add(self, value: Any, where: Where) -> None:
+        """Put ``value`` into its parent, or make it a key of it."""
         if value is _UNREADABLE:  # reported already; a key is dropped, a value becomes null
             if self._at_key():
                 self.stack[-1].key = _BAD_KEY
@@ -333,9 +348,11 @@ class _Builder:
             self.doc.values[()] = where
             return
         top = self.stack[-1]
-        if isinstance(top.value, list):
-            top.value.append(value)
+        parent = top.value
+        if parent.__class__ is list:
+            path = (*top.path, len(parent))
             self.doc.values[path] = where
+            parent.append(value)  # type: ignore[union-attr]
         elif top.key is _NO_KEY:
             top.key = self._key(top, value, where)
         else:
@@ -345,7 +362,8 @@ class _Builder:
                     top.merges = []
                 top.merges.append((value, where))
             elif key is not _BAD_KEY:
-                top.value[key] = value
+                parent[key] = value  # type: ignore[call-overload]
+                path = (*top.path, key)
                 self.doc.values[path] = where
 
     def _key(self, top: _Frame, key: Any, where: Where) -> Any:

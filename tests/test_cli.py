@@ -5,11 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
+import time
 from pathlib import Path
 
 import pytest
 
 from scheduler import db, history
+from scheduler.logs import JsonFormatter, SecretFilter, TextFormatter
 from tests.conftest import TOKEN, cli_env, run_cli, write_config
 
 JOBS = """\
@@ -165,6 +168,49 @@ def test_db_upgrade_current_downgrade(config: Path):
     assert run_cli("-c", str(config), "db", "current").stdout.startswith("empty")
 
 
+@pytest.mark.parametrize("args", [["downgrade", "nope"], ["downgrade", "9999"],
+                                  ["downgrade", "x" * 500], ["upgrade", "nope"]])
+def test_an_unknown_revision_is_bad_usage(config: Path, db_url: str, args: list[str]):
+    for migrated in (False, True):  # checked before the database is even opened
+        result = run_cli("-c", str(config), "db", *args)
+        assert result.returncode == 2, result.stderr
+        assert len(result.stderr.splitlines()) == 1 and len(result.stderr) < 200, result.stderr
+        assert_clean(result)
+        if not migrated:
+            assert not Path(db_url.removeprefix("sqlite:///")).exists()
+            assert run_cli("-c", str(config), "db", "upgrade").returncode == 0
+    assert "(head)" in run_cli("-c", str(config), "db", "current").stdout  # nothing changed
+    if args[0] == "downgrade":
+        assert "unknown revision" in result.stderr and "known: base, 0001" in result.stderr
+
+
+def test_downgrade_goes_only_down(config: Path):
+    assert run_cli("-c", str(config), "db", "upgrade").returncode == 0
+    assert run_cli("-c", str(config), "db", "downgrade", "0001").returncode == 0
+    for args in (["0002"], ["head"], ["--", "-2"]):
+        result = run_cli("-c", str(config), "db", "downgrade", *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.startswith("te-scheduler: error: ") and result.stderr.count("\n") == 1
+        assert "the database is at 0001" in result.stderr
+    assert run_cli("-c", str(config), "db", "current").stdout.startswith("0001 ")
+    assert run_cli("-c", str(config), "db", "downgrade", "--", "-1").returncode == 0
+    assert run_cli("-c", str(config), "db", "current").stdout.startswith("empty")
+
+
+def test_empty_results_still_print_their_header(config: Path):
+    assert run_cli("-c", str(config), "db", "upgrade").returncode == 0
+    for command, first in ((["history"], "started_at"), (["stats"], "job"),
+                           (["status"], "instance")):
+        table = run_cli("-c", str(config), *command)
+        assert table.returncode == 0 and table.stderr == "", table.stderr
+        (header,) = table.stdout.splitlines()  # the header alone: nothing matched
+        assert header.split()[0] == first
+        as_json = run_cli("-c", str(config), *command, "--format", "json")
+        assert as_json.returncode == 0 and json.loads(as_json.stdout) == []
+    as_csv = run_cli("-c", str(config), "history", "--format", "csv")
+    assert as_csv.stdout.splitlines() == [",".join(COLUMNS)]
+
+
 def test_trigger_sends_each_test_once_and_records_manual_rows(config: Path, simulator, db_url):
     result = run_cli("-c", str(config), "trigger", "dns")
     assert result.returncode == 0, result.stderr
@@ -222,7 +268,8 @@ def test_history_formats(config: Path, simulator):
     table = run_cli("-c", str(config), "history").stdout.splitlines()
     assert table[0].split()[:3] == ["started_at", "job", "test_id"] and len(table) == 2
     empty = run_cli("-c", str(config), "history", "--job", "dns")
-    assert empty.returncode == 0 and empty.stdout == ""
+    assert empty.returncode == 0 and [line.split() for line in empty.stdout.splitlines()] == [
+        table[0].split()]
 
 
 def test_stats_and_prune(config: Path, simulator):
@@ -289,3 +336,84 @@ def test_the_demo_config_is_valid_and_fires_within_seconds():
     assert result.returncode == 0, result.stderr
     [first] = json.loads(result.stdout)["firings"]
     assert first["job"] == "demo-heartbeat"
+
+
+def test_an_alias_bomb_is_one_line_and_quick(tmp_path: Path):
+    text = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n'
+    for level in range(1, 9):
+        prev, name = chr(ord("a") + level - 1), chr(ord("a") + level)
+        text += f"{name}: &{name} [{', '.join([f'*{prev}'] * 9)}]\n"
+    bomb = tmp_path / "jobs.yaml"
+    bomb.write_text(text + JOBS)
+    started = time.monotonic()
+    result = run_cli("-c", str(bomb), "validate")
+    assert time.monotonic() - started < 10  # a real expansion would never end
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (f"{bomb}:7:16: the document expands to more than 2,000,000 values "
+                             "(through aliases?); that is far more than a config needs\n")
+
+
+# -- the token in log lines ----------------------------------------------------------------
+
+
+def logged(secrets: list[str], message: str, *args: object, json_format: bool = False,
+           **extra: object) -> str:
+    """What one record becomes after SecretFilter and a formatter, as setup_logging wires them."""
+    scrubber = SecretFilter()
+    for secret in secrets:
+        scrubber.add(secret)
+    record = logging.LogRecord("scheduler.runner", logging.WARNING, __file__, 1, message, args,
+                               None)
+    record.__dict__.update(extra)
+    assert scrubber.filter(record)
+    return (JsonFormatter() if json_format else TextFormatter()).format(record)
+
+
+def test_a_short_secret_is_masked_only_as_a_whole_token():
+    line = logged(["abc"], 'job="%s" error="%s"', "abc-checks", "token abc expired (Bearer abc)")
+    assert 'job="abc-checks"' in line  # not "***-checks"
+    assert 'error="token *** expired (Bearer ***)"' in line
+    assert logged(["abc"], "url=%s", "https://x/?token=abc&aid=1").endswith("token=***&aid=1")
+    assert logged(["abc"], "labcd xabc abcx") .endswith("labcd xabc abcx")
+
+
+def test_a_real_token_is_masked_wherever_it_occurs():
+    token = "5d5e2a1c-1234-4bcd-9f00-abcdef012345"  # ThousandEyes tokens are UUID-like
+    for text in (f"Bearer {token}", f"x{token}y", f"Authorization%3A%20Bearer%20{token}",
+                 f"'{token}'"):
+        line = logged([token, "abc"], "sent %s", text)
+        assert token not in line and "***" in line
+    # A short secret that is part of the long one does not leave a piece of it behind.
+    assert logged([token, "abcdef"], "%s", token).endswith(" ***")
+
+
+def test_fields_and_tracebacks_are_scrubbed_too():
+    token = "5d5e2a1c-1234-4bcd-9f00-abcdef012345"
+    try:
+        raise ValueError(f"header value 'Bearer {token}' rejected")
+    except ValueError:
+        import sys
+
+        exc_info = sys.exc_info()
+    scrubber = SecretFilter()
+    scrubber.add(token)
+    for formatter in (TextFormatter(), JsonFormatter()):
+        record = logging.LogRecord("scheduler.client", logging.DEBUG, __file__, 1,
+                                   "call failed", None, exc_info)
+        record.error = f"Bearer {token}"  # a structured field, as extra= adds it
+        assert scrubber.filter(record)
+        line = formatter.format(record)
+        assert token not in line and "ValueError" in line and "Bearer ***" in line
+
+
+def test_the_daemon_logs_keep_words_that_contain_a_short_token(tmp_path: Path, simulator, db_url):
+    cfg = write_config(tmp_path / "jobs.yaml", """\
+        jobs:
+          - name: abc-checks
+            tests: [105]
+            schedule: {every: 1h}
+        """, base_url=simulator.url, db_url=db_url)
+    result = run_cli("-c", str(cfg), "--log-level", "debug", "trigger", "abc-checks",
+                     env=cli_env(TE_TEST_TOKEN="abc"))  # the simulator answers 401
+    assert result.returncode == 1
+    assert 'job="abc-checks"' in result.stderr and "***-checks" not in result.stderr

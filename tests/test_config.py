@@ -380,6 +380,21 @@ EXACT = [
     ("job-spread", job("    spread: -5s\n"),
      ["5:13: jobs[0].spread: must not be negative (a duration like 30s, 5m, 2h; units ms s m h "
       "d w), got '-5s'"]),
+    ("spread-over-every", job("    spread: 61m\n", tests="[1, 2]"),
+     ["5:13: jobs[0].spread: 61m is longer than the interval (every 1h): a firing's last tests "
+      "would start after the next firing; make it at most 1h"]),
+    ("spread-over-cron", job("    spread: 20m\n", tests="[1, 2]",
+                             schedule="{cron: '*/15 8-18 * * mon-fri'}"),
+     ["5:13: jobs[0].spread: 20m is longer than the shortest gap between the cron's firings "
+      "(15m): a firing's last tests would start after the next firing; make it at most 15m"]),
+    ("spread-over-rare-cron-gap", job("    spread: 2d\n", tests="[1, 2]",
+                                      schedule="{cron: '0 0 1,28 * *'}"),  # Feb 28 -> Mar 1
+     ["5:13: jobs[0].spread: 2d is longer than the shortest gap between the cron's firings "
+      "(1d): a firing's last tests would start after the next firing; make it at most 1d"]),
+    ("defaults-spread-over-every", "defaults: {spread: 2h}\n" + job(tests="[1, 2]"),
+     ["5:23: jobs[0].schedule.every: the interval (every 1h) is shorter than defaults.spread "
+      "(2h): a firing's last tests would start after the next firing; set spread on this job, "
+      "at most 1h"]),
 ]
 
 
@@ -506,14 +521,25 @@ def test_file_at_the_size_limit_is_read(tmp_path: Path) -> None:
 def test_billion_laughs_is_stopped_quickly(tmp_path: Path) -> None:
     started = time.monotonic()
     (line,) = problems(tmp_path, alias_bomb())
-    assert "expands to more than 250,000 values" in line
+    assert line == ("7:16: the document expands to more than 2,000,000 values (through "
+                    "aliases?); that is far more than a config needs")
     assert time.monotonic() - started < 2
 
 
 def test_alias_bomb_under_a_known_key_is_stopped(tmp_path: Path) -> None:
     text = alias_bomb().replace(JOB, "").replace("i: &i", "jobs: &i")
     (line,) = problems(tmp_path, text)
-    assert "expands to more than 250,000 values" in line
+    assert f"expands to more than {yamlsource.MAX_NODES:,} values" in line
+
+
+@pytest.mark.timeout(10)
+def test_a_small_file_cannot_reach_the_cap_through_aliases(tmp_path: Path) -> None:
+    # 1,000 values a thousand times over (1,000,000 from 7 KB), and the first use of that
+    # goes over the cap, which also counts b itself.
+    text = ("a: &a [" + ", ".join(["x"] * 1000) + "]\nb: &b [" + ", ".join(["*a"] * 1000)
+            + "]\njobs: [*b]\n")
+    (line,) = problems(tmp_path, text)
+    assert line.startswith("3:8: the document expands to more than 2,000,000 values")
 
 
 def test_message_quoting_an_alias_does_not_expand_it(tmp_path: Path) -> None:
@@ -559,7 +585,28 @@ def test_ten_thousand_jobs_fit_under_the_node_cap(tmp_path: Path) -> None:
         for i in range(10_000))
     cfg = load(write(tmp_path, text))
     assert len(cfg.jobs) == 10_000 and cfg.jobs[-1].tests == ("9999", "1009999")
-    assert 11 * 20_000 < yamlsource.MAX_NODES  # 11 values a job: 20,000 such jobs fit too
+    assert 11 * 100_000 < yamlsource.MAX_NODES  # 11 values a job: 100,000 such jobs fit too
+
+
+@pytest.mark.slow
+def test_a_hundred_thousand_one_test_jobs_load(tmp_path: Path) -> None:
+    text = "jobs:\n" + "".join(
+        f"  - name: job-{i:06d}\n    tests: [{100_000 + i}]\n    schedule: {{every: 1h}}\n"
+        for i in range(100_000))
+    assert len(text) < yamlsource.MAX_BYTES
+    cfg = load(write(tmp_path, text))
+    assert len(cfg.jobs) == 100_000 and cfg.jobs[-1].tests == ("199999",)
+
+
+@pytest.mark.timeout(30)
+def test_a_long_test_list_is_checked_in_linear_time(tmp_path: Path) -> None:
+    # Duplicate ids were looked up in a list: 100,000 ids took 5 billion comparisons.
+    ids = ", ".join(str(i) for i in range(1, 100_001))
+    (only,) = load(write(tmp_path, job(tests=f"[{ids}]"))).jobs
+    assert len(only.tests) == 100_000
+    column = len(f"    tests: [{ids}, ") + 1
+    assert problems(tmp_path, job(tests=f"[{ids}, 7]")) == [
+        f"3:{column}: jobs[0].tests[100000]: duplicate test id 7 in this job"]
 
 
 def test_ids_and_names_fit_the_history_columns(tmp_path: Path) -> None:
@@ -605,6 +652,24 @@ jobs:
         ("b", ("1",), timedelta(seconds=10), True),
         ("c", ("1",), timedelta(0), False),
     ]
+
+
+def test_a_spread_that_fits_the_schedule_is_accepted(tmp_path: Path) -> None:
+    text = """\
+defaults: {spread: 2h}
+jobs:
+  - {name: even, tests: [1, 2, 3, 4], schedule: {every: 1h}, spread: 1h}
+  - {name: alone, tests: [1], schedule: {every: 15m}}
+  - {name: once, tests: [1, 2], schedule: {at: "2026-12-01T09:00:00Z"}}
+  - {name: nightly, tests: [1, 2], schedule: {cron: "@daily"}}
+  - {name: weekdays, tests: [1, 2], schedule: {cron: "0 9 * * mon-fri"}, spread: 1d}
+"""
+    jobs = load(write(tmp_path, text)).jobs
+    # Equal to the interval: the four tests start 15 minutes apart, all before the next slot.
+    assert jobs[0].spread == jobs[0].schedule.every == timedelta(hours=1)
+    # One test starts at the slot whatever the spread; a one-off has no next slot to reach.
+    assert [job.spread for job in jobs[1:4]] == [timedelta(hours=2)] * 3
+    assert jobs[4].spread == timedelta(days=1)
 
 
 # -- what a good file turns into ------------------------------------------------------------------

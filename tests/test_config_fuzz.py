@@ -163,6 +163,8 @@ def assert_valid(cfg: Config) -> None:
         assert 1 <= loaded.retry.attempts <= 20
         assert 0 <= loaded.retry.backoff <= loaded.retry.max_backoff
         assert loaded.spread >= timedelta(0) and loaded.catch_up >= timedelta(0)
+        if loaded.schedule.every is not None and len(loaded.tests) > 1:
+            assert loaded.spread <= loaded.schedule.every  # else a firing runs into the next
         assert loaded.notify.problems() == [] and loaded.notify.timeout > 0
         for url in (loaded.notify.webhook, loaded.notify.ping_url):
             parts = urlsplit(url) if url is not None else None
