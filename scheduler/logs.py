@@ -41,7 +41,7 @@ class SecretFilter(logging.Filter):
     def add(self, secret: str) -> None:
         """Mask ``secret`` from now on."""
         self.secrets.add(secret)
-        self._pattern = _secrets_pattern(self.secrets)
+        self._pattern = secrets_pattern(self.secrets)
 
     def scrub(self, text: str) -> str:
         """``text`` with every known secret replaced by ``***``."""
@@ -63,7 +63,7 @@ class SecretFilter(logging.Filter):
         return True
 
 
-def _secrets_pattern(secrets: set[str]) -> re.Pattern[str]:
+def secrets_pattern(secrets: set[str]) -> re.Pattern[str]:
     """One regex for all secrets, longest first so a secret inside another is not cut."""
     ordered = sorted(secrets, key=len, reverse=True)
     anywhere = [re.escape(s) for s in ordered if len(s) >= MASK_ANYWHERE]

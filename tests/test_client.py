@@ -486,6 +486,25 @@ def test_token_echoed_by_the_server_is_redacted() -> None:
     assert result.error == "Bad Request: rejected header Bearer ***"
 
 
+def test_a_short_token_is_redacted_as_a_word_only() -> None:
+    # A test token like "abc" must not turn "abc-checks" into "***-checks" in the error column.
+    def echo(handler: BaseHTTPRequestHandler, server: ScriptedServer) -> None:
+        said = handler.headers.get("Authorization", "")
+        body = f"test abc-checks rejected {said}".encode()
+        handler.send_response(403)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    server = ScriptedServer(echo)
+    try:
+        result = make_caller(server.url, token="abc").send("105", None)
+    finally:
+        server.close()
+    assert result.error is not None
+    assert "abc-checks rejected Bearer ***" in result.error, result.error
+
+
 # -- the session -------------------------------------------------------------------------------
 
 
