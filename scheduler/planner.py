@@ -24,6 +24,7 @@ from scheduler.triggers import format_duration, iter_slots, spread_offsets
 UTC = timezone.utc
 DEFAULT_INSTANT_LIMIT = Rate(24, 60.0)  # the documented X-Instant-Test-Rate-Limit default
 DEFAULT_SPAN = timedelta(hours=24)
+_NAMED_JOBS = 10  # job names listed in one warning before "and N more"
 # With --count and no --until only the count ends the plan; this merely bounds iteration.
 _COUNT_HORIZON = timedelta(days=3660)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -207,10 +208,13 @@ def _describe(
         advice = f"no spread fits, it recurs every {_human(recurs)}"
     jobs = burst.jobs(calls)
     label = "job " if len(jobs) == 1 else "jobs "
+    named = ", ".join(jobs[:_NAMED_JOBS])
+    if len(jobs) > _NAMED_JOBS:  # one line an operator can read, not 12,500 names
+        named += f" and {len(jobs) - _NAMED_JOBS:,} more"
     text = (
         f"{_minute(calls[burst.first].at)}: {size} calls due {due}, "
         f"limit {format_rate(limit)}{note}: the last starts about {_human(late)} late; "
-        f"{advice} ({label}{', '.join(jobs)}"
+        f"{advice} ({label}{named}"
     )
     if len(group) > 1:
         text += f"; and {len(group) - 1} more times until {_minute(calls[group[-1].first].at)}"

@@ -107,6 +107,13 @@ def test_bursts_of_several_jobs_add_up_and_name_the_jobs() -> None:
     assert warning.endswith("(jobs alpha, beta)")
 
 
+def test_a_burst_of_many_jobs_names_ten_and_counts_the_rest() -> None:
+    config = make_config(*(make_job(f"job{n:02}", 1) for n in range(40)))
+    [warning] = build_plan(config, DAY).warnings
+    assert warning.endswith("(jobs job00, job01, job02, job03, job04, job05, job06, job07, "
+                            "job08, job09 and 30 more)"), warning
+
+
 def test_repeated_bursts_are_one_warning() -> None:
     config = make_config(make_job("quarterly", cron="*/15 * * * *"))
     plan = build_plan(config, DAY)
