@@ -57,6 +57,9 @@ class PreparedWrites:
         self._engine = engine
         self._dialect = engine.dialect
         self._commit = engine.dialect.name != "sqlite"
+        # SQLite takes one writer at a time and makes the others poll in its busy handler
+        # (sleeps of 1, 2, 5 ... ms); this process's own writers queue on a lock instead.
+        self._one_writer = threading.Lock() if engine.dialect.name == "sqlite" else None
         mark = _placeholder(_SUPPORTED[engine.dialect.name])
         columns = [c.name for c in table.columns if c.name != "id"]
         self._insert_columns = columns
@@ -102,6 +105,12 @@ class PreparedWrites:
         return params
 
     def _run(self, sql: str, params: dict[str, Any], *, returns_row: bool) -> Any:
+        if self._one_writer is None:
+            return self._execute(sql, params, returns_row=returns_row)
+        with self._one_writer:
+            return self._execute(sql, params, returns_row=returns_row)
+
+    def _execute(self, sql: str, params: dict[str, Any], *, returns_row: bool) -> Any:
         connection = self._engine.raw_connection()
         cursor = None
         try:
