@@ -8,6 +8,7 @@ pacing, retries, history) is the runner's.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import os
@@ -170,7 +171,8 @@ class Daemon:
                  DRAIN_SECONDS, self.runner.running())
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
-        self._catch_ups.shutdown(wait=False, cancel_futures=True)  # unclaimed: next start's
+        # Catch-ups still queued are recorded missed (see _catch_up_done).
+        self._catch_ups.shutdown(wait=False, cancel_futures=True)
         self.stop.set()
         self.limiter.wake()
         waited = 0.0
@@ -242,24 +244,28 @@ class Daemon:
         slot falls between catch-up and the schedule.
         """
         changes = 0
-        for job_id in set(self._entries) - set(wanted):
-            self.scheduler.remove_job(job_id)
+        previous = self._entries
+        for job_id in set(previous) - set(wanted):
+            with contextlib.suppress(JobLookupError):  # a one-off that already fired
+                self.scheduler.remove_job(job_id)
             changes += 1
+        # Known from now on (_on_due drops firings of jobs it does not know), so a job added
+        # below may fire before the adds are done.
+        self._entries = wanted
         triggers = _Triggers(since)
         for job_id, entry in wanted.items():
-            old = self._entries.get(job_id)
+            old = previous.get(job_id)
             if old is not None and old.timing == entry.timing:
                 if old != entry:  # same slots, other settings (aid, retry ...): keep next fire
                     with contextlib.suppress(JobLookupError):  # a one-off that already fired
                         self.scheduler.modify_job(job_id, args=(job_id, entry))
                 continue
             trigger, first = triggers.of(entry)
-            # The entry rides with its trigger: a reload swaps self._entries only after the
-            # adds, and a job added (or re-timed) by it may fire before that.
+            # The entry rides with its trigger: a firing of the old trigger of a job this
+            # reload re-times still computes its slot with the old spread offset.
             self.scheduler.add_job(self._on_due, trigger=trigger, args=(job_id, entry), id=job_id,
                                    name=job_id, replace_existing=True, **first)
             changes += 1
-        self._entries = wanted
         return changes
 
     # -- firing -----------------------------------------------------------------------
@@ -274,6 +280,11 @@ class Daemon:
         # APScheduler's add_job checks that every parameter is supplied or has a default.
         if entry is None or not run_times or submitted is None or self.stop.is_set():
             return  # shutting down
+        current = self._entries.get(job_id)
+        if current is None:
+            return  # removed or disabled by a reload while this firing waited for a thread
+        if current.timing == entry.timing:
+            entry = current  # the latest settings (aid, retry ...) for the same slots
         # In UTC: subtracting from a zone-aware time is wall-clock arithmetic and drops fold.
         slots = [run_time.astimezone(timezone.utc) - entry.offset for run_time in run_times]
         latest = slots[-1]
@@ -315,8 +326,18 @@ class Daemon:
                              verdict.run.isoformat())
                     firing = Firing(job, test, verdict.run, "catch-up",
                                     self._deadline(job, verdict.run))
-                    self._catch_ups.submit(self.runner.fire, firing).add_done_callback(
-                        _log_failure)
+                    future = self._catch_ups.submit(self.runner.fire, firing)
+                    future.add_done_callback(functools.partial(self._catch_up_done,
+                                                               firing=firing))
+
+    def _catch_up_done(self, future: Future[Any], firing: Firing) -> None:
+        if future.cancelled():
+            # Still queued at shutdown: say so, or the next start (whose history already has
+            # later slots of this job) would never account for it.
+            self._quietly(self._record_missed, firing.job, firing.test_id, firing.scheduled_for,
+                          firing.scheduled_for, 1, "te-scheduler stopped before its catch-up ran")
+        else:
+            _log_failure(future)
 
     def _record_missed(self, job: Job, test_id: str, first: datetime, last: datetime,
                        count: int, why: str, counted_all: bool = True) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -406,3 +407,29 @@ def written(engine: sa.Engine, instance: str, outcome: str | None = None) -> lis
     return [(r["job"], r["test_id"], r["trigger"], r["scheduled_for"], r["outcome"], r["error"])
             for r in history.query(engine, outcome=outcome, limit=None)
             if r["instance"] == instance]
+
+
+@pytest.mark.slow
+def test_catch_ups_still_queued_at_shutdown_are_recorded_missed(tmp_path, simulator, engine,
+                                                                db_url, start_daemon):
+    start = anchor()
+    names = [("a", "105"), ("b", "106"), ("c", "107"), ("d", "108")]
+    for job, test in names:
+        seed(engine, job, test, start, "success")  # each owes a catch-up of start + 2h
+    body = "".join(hourly(job, test, start, "2h")[0 if n == 0 else 5:]
+                   for n, (job, test) in enumerate(names))
+    cfg = write_config(tmp_path / "jobs.yaml", body, base_url=simulator.url, db_url=db_url,
+                       api_extra="  concurrency: 1\n")
+    for _, test in names:
+        simulator.add_rule(test, 200, delay=2.0)
+    daemon = start_daemon(cfg)
+    wait_until(lambda: simulator.requests, what="the first catch-up call")
+    daemon.send(signal.SIGTERM)  # the call in flight finishes; the queued ones never start
+    assert daemon.proc.wait(timeout=40) == 0
+    found = [r for r in rows(db_url) if r["started_at"] > start + H]
+    assert len(of(found, trigger="catch-up")) == len(simulator.requests) >= 1
+    # (start + 1h is summed up as missed at start-up, as always; only the latest slot runs.)
+    queued = [r for r in of(found, outcome="missed") if r["scheduled_for"] == start + 2 * H]
+    assert len(queued) + len(simulator.requests) == len(names)
+    for row in queued:
+        assert row["error"].endswith("te-scheduler stopped before its catch-up ran")

@@ -299,6 +299,14 @@ def test_the_next_fire_gauge_follows_firings_and_reloads_with_no_loop_running(
         assert daemon.reload("test")
         # pulse changed schedule: its next 20 s slot; nightly is gone; fresh is new.
         assert next_fires(base) == {"pulse": at(20), "fresh": at(3600)}
+
+        # Removing the one-off that already fired (APScheduler dropped it) is an ordinary
+        # reload, not a JobLookupError that ends the daemon.
+        once = '  - name: once\n    tests: [4]\n    schedule: {at: "2026-11-27T12:00:05+00:00"}\n'
+        assert once in REGAUGED
+        write_config(path, REGAUGED.replace(once, ""), base_url=simulator.url)
+        assert daemon.reload("test")
+        assert next_fires(base) == {"pulse": at(20), "fresh": at(3600)}
     finally:
         server.stop()
         scheduler.shutdown()
