@@ -247,14 +247,14 @@ def query(
 def stats(engine: Engine, *, since: datetime | None = None) -> list[dict[str, Any]]:
     """One summary per (job, test_id) of the rows started since ``since``, computed in SQL.
 
-    A firing is counted by its first attempt; it succeeded when one of its attempts did, and
-    failed when its last attempt ended otherwise (skipped, missed and interrupted firings
-    included). Every retry row (attempt > 1) stands for exactly one failed attempt before it,
-    so failed firings = failed rows - retries, and success_rate = successes / (successes +
-    failed firings), with firings still pending left out. last_failure/last_error come from
-    the last attempt of the latest failed firing; p50_ms/p95_ms are nearest-rank percentiles
-    of the attempts' durations. One grouped scan of the window plus one indexed lookup per
-    (job, test) with failures: seconds on ten million rows, where fetching rows took minutes.
+    A firing is one run of a test (its attempts share a run_id and a slot) with a row in the
+    window; it succeeded when one of its attempts did, and failed when its last attempt
+    ended otherwise (skipped, missed and interrupted firings included); success_rate =
+    successes / (successes + failed firings), firings still pending left out.
+    last_failure/last_error come from the last attempt of the latest failed firing;
+    p50_ms/p95_ms are nearest-rank percentiles of the attempts' durations. One grouped scan
+    of the window (see _stats_scan) plus one indexed lookup per (job, test) with failures:
+    seconds on ten million rows, where fetching the rows took minutes.
     """
     with translate_errors(engine, "reading history"), engine.connect() as conn:
         totals: dict[tuple[str, str], dict[str, Any]] = {}
@@ -272,7 +272,7 @@ def stats(engine: Engine, *, since: datetime | None = None) -> list[dict[str, An
                 durations.setdefault(pair, []).append((row.duration_ms, row.attempts))
         result = []
         for (job, test_id), total in sorted(totals.items()):
-            final_failures = total["failed"] - total["retries"]
+            final_failures = total["final_failures"]
             decided = total["successes"] + final_failures
             last_failed = (
                 conn.execute(_last_failure(job, test_id, since)).first()
@@ -297,15 +297,22 @@ def stats(engine: Engine, *, since: datetime | None = None) -> list[dict[str, An
         return result
 
 
-_STATS_SUMS = ("attempts", "firings", "successes", "failed", "rate_limited", "retries")
+_STATS_SUMS = ("attempts", "firings", "successes", "final_failures", "rate_limited", "retries")
 
 
 def _stats_scan(since: datetime | None) -> Any:
-    """Counts per (job, test_id, duration_ms): the durations' histogram gives percentiles."""
+    """Counts per (job, test_id, duration_ms): the durations' histogram gives percentiles.
+
+    A firing's rows in the window are always its last attempts (the window has no end, and a
+    prune removes older rows first), so: a firing counts once, at its first row in the window
+    (attempt 1, or a retry whose attempt before it is outside); it failed when its last
+    attempt failed (a failed row no retry followed). Each check is an index lookup on the
+    firing key, run only for the few rows that need it (CASE stops at the first match).
+    """
     c = attempts.c
 
-    def count_if(condition: Any) -> Any:
-        return sa.func.sum(sa.case((condition, 1), else_=0))
+    def count_if(*whens: Any) -> Any:
+        return sa.func.sum(sa.case(*whens, else_=0))
 
     return (
         sa.select(
@@ -313,11 +320,12 @@ def _stats_scan(since: datetime | None) -> Any:
             c.test_id,
             c.duration_ms,
             sa.func.count().label("attempts"),
-            count_if(c.attempt == 1).label("firings"),
-            count_if(c.outcome == "success").label("successes"),
-            count_if(c.outcome.not_in(("success", "pending"))).label("failed"),
-            count_if(c.status_code == 429).label("rate_limited"),
-            count_if(c.attempt > 1).label("retries"),
+            count_if((c.attempt == 1, 1), (~_neighbour(-1, since), 1)).label("firings"),
+            count_if((c.outcome == "success", 1)).label("successes"),
+            count_if((c.outcome.in_(("success", "pending")), 0),
+                     (~_neighbour(+1, None), 1)).label("final_failures"),
+            count_if((c.status_code == 429, 1)).label("rate_limited"),
+            count_if((c.attempt > 1, 1)).label("retries"),
             sa.type_coerce(
                 sa.func.max(sa.case((c.outcome == "success", c.started_at))), UTCDateTime()
             ).label("last_success"),
@@ -330,16 +338,25 @@ def _stats_scan(since: datetime | None) -> Any:
     )
 
 
+def _neighbour(step: int, since: datetime | None) -> Any:
+    """EXISTS: the attempt ``step`` away in the same firing (started since ``since``)."""
+    c = attempts.c
+    other = attempts.alias("neighbour")
+    conditions = [
+        other.c.job == c.job,
+        other.c.test_id == c.test_id,
+        other.c.scheduled_for == c.scheduled_for,
+        other.c.attempt == c.attempt + step,
+    ]
+    if since is not None:
+        conditions.append(other.c.started_at >= since)
+    return sa.exists().where(*conditions)
+
+
 def _last_failure(job: str, test_id: str, since: datetime | None) -> Any:
     """The newest failed attempt of (job, test_id) that no retry followed."""
     c = attempts.c
-    later = attempts.alias("later")
-    retried = sa.exists().where(
-        later.c.job == c.job,
-        later.c.test_id == c.test_id,
-        later.c.scheduled_for == c.scheduled_for,
-        later.c.attempt == c.attempt + 1,
-    )
+    retried = _neighbour(+1, None)
     return (
         sa.select(c.started_at, c.error)
         .where(c.job == job, c.test_id == test_id, *_time_filter(since, None),

@@ -572,3 +572,12 @@ def test_stats_in_sql_agree_with_counting_firing_by_firing(engine: sa.Engine, se
     expected = _reference_stats(history.query(engine, limit=0))
     got = {(s.pop("job"), s.pop("test_id")): s for s in history.stats(engine)}
     assert got == expected
+    # A window that cuts a firing between its attempts counts what is inside it.
+    rows = history.query(engine, limit=0)
+    started = {(r["run_id"], r["attempt"]): r["started_at"] for r in rows}
+    cuts = [r["started_at"] for r in rows if r["attempt"] > 1
+            and started[(r["run_id"], r["attempt"] - 1)] < r["started_at"]]
+    since = rng.choice(cuts) if cuts else T0 + timedelta(minutes=rng.randint(0, 30))
+    expected = _reference_stats(history.query(engine, since=since, limit=0))
+    got = {(s.pop("job"), s.pop("test_id")): s for s in history.stats(engine, since=since)}
+    assert got == expected
