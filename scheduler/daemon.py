@@ -280,13 +280,15 @@ class Daemon:
         # APScheduler's add_job checks that every parameter is supplied or has a default.
         if entry is None or not run_times or submitted is None or self.stop.is_set():
             return  # shutting down
-        current = self._entries.get(job_id)
-        if current is None:
-            return  # removed or disabled by a reload while this firing waited for a thread
-        if current.timing == entry.timing:
-            entry = current  # the latest settings (aid, retry ...) for the same slots
         # In UTC: subtracting from a zone-aware time is wall-clock arithmetic and drops fold.
         slots = [run_time.astimezone(timezone.utc) - entry.offset for run_time in run_times]
+        current = self._entries.get(job_id)
+        if current is None:  # removed or disabled by a reload while this waited for a thread
+            self._quietly(self._record_missed, entry.job, entry.test_id, slots[0], slots[-1],
+                          len(slots), "its job was removed or disabled before the firing began")
+            return
+        if current.timing == entry.timing:
+            entry = current  # the latest settings (aid, retry ...) for the same slots
         latest = slots[-1]
         late = submitted - (latest + entry.offset)
         grace = max(entry.job.catch_up, timedelta(minutes=1))

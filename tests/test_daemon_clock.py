@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from apscheduler.schedulers.base import BaseScheduler
 
 from scheduler import clock, config, history
-from scheduler.daemon import LOG_EACH_JOB_UP_TO, Daemon
+from scheduler.daemon import LOG_EACH_JOB_UP_TO, Daemon, entries_of
 from scheduler.executor import FiringExecutor
 from scheduler.metrics import MetricsServer
 from scheduler.planner import build_plan
@@ -332,3 +332,26 @@ def test_start_up_sums_up_a_big_schedule_in_one_line(
         'firing is job "hourly-000" at 2026-11-27T12:00:00+00:00; `te-scheduler plan` lists '
         "them all"
     ]
+
+
+def test_a_firing_whose_job_a_reload_removed_while_it_waited_is_recorded_missed(
+    tmp_path: Path, simulator, engine, fake_clock
+):
+    # A due firing can wait for a free thread; a reload that removes its job meanwhile must
+    # neither call the API for it nor lose the slot without a row.
+    clock.patch_apscheduler()
+    path = write_config(tmp_path / "jobs.yaml", GAUGED, base_url=simulator.url)
+    daemon, scheduler = stepped_daemon(config.load(path), engine, simulator.url)
+    try:
+        daemon.start()
+        waiting = entries_of(daemon.config)["nightly/3"]
+        write_config(path, REGAUGED, base_url=simulator.url)  # nightly is gone
+        assert daemon.reload("test")
+        slot = datetime(2026, 11, 28, 2, 30, tzinfo=timezone.utc)
+        daemon._on_due("nightly/3", waiting, [slot], slot)
+    finally:
+        scheduler.shutdown()
+    [row] = [r for r in history.query(engine) if r["job"] == "nightly"]
+    assert (row["outcome"], row["scheduled_for"]) == ("missed", slot)
+    assert row["error"].endswith("its job was removed or disabled before the firing began")
+    assert not [r for r in simulator.requests if r.path == "/v7/tests/3/run"]
