@@ -103,27 +103,18 @@ class Metrics:
         for bucket, remaining in snapshot.items():
             self.rate_limit_remaining(bucket, remaining)
 
-    def next_fire(self, job: str, when: datetime | None) -> None:
-        """Set the job's next call time; None (nothing left to fire) removes the series."""
-        self._next_fire.set(job, when)
-
-    def sync_next_fires(self, times: Mapping[str, datetime | None]) -> None:
-        """Make the next-fire gauge exactly ``times``: jobs absent from it lose their series."""
-        self._next_fire.replace(times)
-
     def track_next_fires(self, source: NextFires) -> None:
-        """Read the next-fire gauge from ``source`` at scrape time (e.g. the daemon's schedule).
+        """Read the next-fire gauge from ``source`` at scrape time (e.g. the daemon's schedule);
+        a job absent from it, or mapped to None (nothing left to fire), has no series.
 
         The daemon's schedule changes only when a job fires or the config is reloaded, yet
         copying it into the gauge twice a second kept 16% of a core busy with 10,000 jobs;
-        reading it when Prometheus asks costs nothing in between. ``source`` replaces what
-        :meth:`next_fire` and :meth:`sync_next_fires` set.
+        reading it when Prometheus asks costs nothing in between.
         """
         self._next_fire.source = source
 
     def forget_job(self, job: str) -> None:
         """Drop the per-job gauges of a job removed from the config (counters stay)."""
-        self.next_fire(job, None)
         self._last_success.remove(job)
 
     def config_reload(self, ok: bool) -> None:
@@ -148,7 +139,7 @@ class Metrics:
 
 
 class _NextFireCollector(Collector):
-    """``te_scheduler_next_fire_timestamp_seconds{job}``: set values, or a source read per scrape.
+    """``te_scheduler_next_fire_timestamp_seconds{job}``, read from its source per scrape.
 
     A plain Gauge would need every job's value copied in whenever it might have changed; a
     collector asks only when scraped. The family looks the same as a Gauge's on the wire.
@@ -158,21 +149,7 @@ class _NextFireCollector(Collector):
     HELP = "Unix time of the job's next scheduled call."
 
     def __init__(self) -> None:
-        self.source: NextFires | None = None
-        self._lock = threading.Lock()
-        self._values: dict[str, float] = {}
-
-    def set(self, job: str, when: datetime | None) -> None:
-        with self._lock:
-            if when is None:
-                self._values.pop(job, None)
-            else:
-                self._values[job] = _epoch(when)
-
-    def replace(self, times: Mapping[str, datetime | None]) -> None:
-        values = {job: _epoch(when) for job, when in times.items() if when is not None}
-        with self._lock:
-            self._values = values
+        self.source: NextFires | None = None  # none yet: no series
 
     def describe(self) -> Iterator[Metric]:
         yield GaugeMetricFamily(self.NAME, self.HELP, labels=["job"])
@@ -186,8 +163,7 @@ class _NextFireCollector(Collector):
     def _read(self) -> dict[str, float]:
         source = self.source
         if source is None:
-            with self._lock:
-                return dict(self._values)
+            return {}
         try:
             return {job: _epoch(when) for job, when in source().items() if when is not None}
         except Exception as exc:  # a scrape must still answer with every other metric

@@ -112,8 +112,9 @@ def test_counters_and_histograms_have_exact_values(serve: Serve) -> None:
 def test_gauges_set_and_remove(serve: Serve, fake_clock: clock.FakeClock) -> None:
     metrics, _, base = serve()
     at = datetime(2026, 11, 27, 13, 0, tzinfo=timezone.utc)
-    metrics.next_fire("nightly", at)
-    metrics.next_fire("naive", datetime(2026, 11, 27, 13, 0))  # naive means UTC
+    schedule: dict[str, datetime | None] = {
+        "nightly": at, "naive": datetime(2026, 11, 27, 13, 0)}  # naive means UTC
+    metrics.track_next_fires(lambda: schedule)
     metrics.rate_limits({"instant-test": 23, "organization": 239, "budget": None})
     metrics.attempt("nightly", "success")
     samples = scrape(base)
@@ -126,7 +127,8 @@ def test_gauges_set_and_remove(serve: Serve, fake_clock: clock.FakeClock) -> Non
     assert samples[last_success] == fake_clock.now().timestamp()
 
     metrics.rate_limit_remaining("organization", None)
-    metrics.next_fire("naive", None)
+    schedule["naive"] = None
+    del schedule["nightly"]
     metrics.forget_job("nightly")
     metrics.forget_job("never-seen")  # harmless
     samples = scrape(base)
@@ -138,11 +140,13 @@ def test_gauges_set_and_remove(serve: Serve, fake_clock: clock.FakeClock) -> Non
     assert attempts(samples, "nightly", "success") == 1
 
 
-def test_sync_next_fires_drops_jobs_that_are_gone(serve: Serve) -> None:
+def test_next_fires_drop_jobs_that_are_gone(serve: Serve) -> None:
     metrics, _, base = serve()
     at = datetime(2026, 11, 27, 13, 0, tzinfo=timezone.utc)
-    metrics.sync_next_fires({"a": at, "b": at, "c": at})
-    metrics.sync_next_fires({"a": at + timedelta(hours=1), "c": None})
+    current: list[dict[str, datetime | None]] = [{"a": at, "b": at, "c": at}]
+    metrics.track_next_fires(lambda: current[0])
+    scrape(base)
+    current[0] = {"a": at + timedelta(hours=1), "c": None}
     nxt = {k[1]: v for k, v in scrape(base).items()
            if k[0] == "te_scheduler_next_fire_timestamp_seconds"}
     assert nxt == {(("job", "a"),): (at + timedelta(hours=1)).timestamp()}
@@ -336,7 +340,6 @@ def test_next_fire_gauge_reads_its_source_at_each_scrape(serve: Serve) -> None:
     metrics, _, base = serve()
     at = datetime(2026, 11, 27, 13, 0, tzinfo=timezone.utc)
     schedule: dict[str, datetime | None] = {"a": at, "b": None}
-    metrics.next_fire("set-by-hand", at)  # a source replaces hand-set values
     metrics.track_next_fires(lambda: schedule)
     assert next_fires(base) == {"a": at.timestamp()}
     # Nothing is pushed: the next scrape sees the source as it is then.
