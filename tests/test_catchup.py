@@ -7,7 +7,6 @@ import math
 import random
 import signal
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -16,14 +15,14 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from scheduler import clock, config, db, history, recovery
+from scheduler import clock, config, history, recovery
 from scheduler.catchup import MAX_COUNTED, CatchUp, plan_catch_up
 from scheduler.config import Schedule
 from scheduler.daemon import Daemon
 from scheduler.runner import instance_name
 from scheduler.simulator import Simulator
 from tests.conftest import TOKEN, wait_until, write_config
-from tests.postgres import postgres_server, postgres_url  # noqa: F401
+from tests.postgres import any_engine, postgres_server, postgres_url  # noqa: F401
 from tests.test_daemon_clock import SteppedScheduler
 from tests.test_reliability import finished, of, rows, rows_so_far
 
@@ -269,17 +268,6 @@ def test_an_interrupted_call_is_not_repeated_by_catch_up(tmp_path, simulator, en
 # -- many jobs at once: one history read, the same decisions ---------------------------------
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def any_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sa.Engine]:
-    """A migrated database of each kind."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'history.db'}"
-    else:
-        url = request.getfixturevalue("postgres_url")
-    engine = db.make_engine(url)
-    db.upgrade(engine)
-    yield engine
-    engine.dispose()
 
 
 def random_history(seed: int, jobs: int, end: datetime) -> list[dict[str, Any]]:
@@ -326,7 +314,9 @@ def accounted_by_definition(rows: list[dict[str, Any]]) -> dict[str, datetime]:
     return latest
 
 
-def test_last_accounted_by_job_answers_for_every_job_at_once(any_engine: sa.Engine) -> None:
+def test_last_accounted_by_job_answers_for_every_job_at_once(
+    any_engine: sa.Engine,  # noqa: F811
+) -> None:
     rows = random_history(7, 150, T)
     with any_engine.begin() as conn:
         conn.execute(history.attempts.insert(), rows)
@@ -335,7 +325,7 @@ def test_last_accounted_by_job_answers_for_every_job_at_once(any_engine: sa.Engi
     assert recovery.last_accounted_by_job(any_engine) == expected
 
 
-def test_last_accounted_by_job_of_an_empty_history(any_engine: sa.Engine) -> None:
+def test_last_accounted_by_job_of_an_empty_history(any_engine: sa.Engine) -> None:  # noqa: F811
     assert recovery.last_accounted_by_job(any_engine) == {}
 
 

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -19,24 +18,17 @@ import sqlalchemy as sa
 from scheduler import clock, db, history, instances
 from scheduler.history import AttemptKey
 from scheduler.instances import SharedLimit
-from tests.postgres import postgres_server, postgres_url  # noqa: F401
+from tests.postgres import any_engine, postgres_server, postgres_url  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
 T0 = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
 S = timedelta(seconds=1)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sa.Engine]:
-    """A database of each kind, migrated to head."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'history.db'}"
-    else:
-        url = request.getfixturevalue("postgres_url")
-    eng = db.make_engine(url)
-    db.upgrade(eng)
-    yield eng
-    eng.dispose()
+@pytest.fixture
+def engine(any_engine: sa.Engine) -> sa.Engine:  # noqa: F811
+    """The tests below run on SQLite and on PostgreSQL."""
+    return any_engine
 
 
 def attempt(

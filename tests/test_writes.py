@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -14,22 +13,15 @@ from scheduler import db, history
 from scheduler.errors import DatabaseError
 from scheduler.history import AttemptKey, attempts
 from scheduler.writes import prepared_writes
-from tests.postgres import postgres_server, postgres_url  # noqa: F401
+from tests.postgres import any_engine, postgres_server, postgres_url  # noqa: F401
 
 T0 = datetime(2026, 3, 29, 0, 59, 59, 999999, tzinfo=timezone.utc)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sa.Engine]:
-    """A migrated database of each kind."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'history.db'}"
-    else:
-        url = request.getfixturevalue("postgres_url")
-    eng = db.make_engine(url)
-    db.upgrade(eng)
-    yield eng
-    eng.dispose()
+@pytest.fixture
+def engine(any_engine: sa.Engine) -> sa.Engine:  # noqa: F811
+    """The tests below run on SQLite and on PostgreSQL."""
+    return any_engine
 
 
 def key(n: int, **changes: Any) -> AttemptKey:
