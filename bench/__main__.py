@@ -35,23 +35,51 @@ def parse(argv: list[str]) -> argparse.Namespace:
         prog="python -m bench",
         description="te-scheduler against the bare APScheduler + requests script, side by side.",
     )
-    parser.add_argument("--quick", action="store_true",
-                        help="A smoke run of every scenario at tiny sizes (CI).")
-    parser.add_argument("--soak", action="store_true",
-                        help="Run only scenario 6, the soak (30 minutes by default).")
-    parser.add_argument("--soak-minutes", type=float, default=None, metavar="M",
-                        help="Length of the soak (default 30; 0.5 with --quick).")
-    parser.add_argument("--only", default=None, metavar="LIST",
-                        help=f"Comma-separated scenarios to run, of {', '.join(SCENARIOS)}.")
-    parser.add_argument("--rows", default=None, metavar="LIST",
-                        help="History sizes for scenario 5 (default 1000000,10000000).")
-    parser.add_argument("--history-cap", type=float, default=None, metavar="S",
-                        help="Stop a stats or prune call after S seconds (default 45; 0: never).")
-    parser.add_argument("--output", default=None, metavar="PATH",
-                        help="The report (a .md file, or a folder for RESULTS.md); "
-                             "default bench/RESULTS.md. The JSON goes beside it.")
-    parser.add_argument("--workdir", default=None, metavar="DIR",
-                        help="Scratch folder (default: a temporary one, removed afterwards).")
+    parser.add_argument(
+        "--quick", action="store_true", help="A smoke run of every scenario at tiny sizes (CI)."
+    )
+    parser.add_argument(
+        "--soak", action="store_true", help="Run only scenario 6, the soak (30 minutes by default)."
+    )
+    parser.add_argument(
+        "--soak-minutes",
+        type=float,
+        default=None,
+        metavar="M",
+        help="Length of the soak (default 30; 0.5 with --quick).",
+    )
+    parser.add_argument(
+        "--only",
+        default=None,
+        metavar="LIST",
+        help=f"Comma-separated scenarios to run, of {', '.join(SCENARIOS)}.",
+    )
+    parser.add_argument(
+        "--rows",
+        default=None,
+        metavar="LIST",
+        help="History sizes for scenario 5 (default 1000000,10000000).",
+    )
+    parser.add_argument(
+        "--history-cap",
+        type=float,
+        default=None,
+        metavar="S",
+        help="Stop a stats or prune call after S seconds (default 45; 0: never).",
+    )
+    parser.add_argument(
+        "--output",
+        default=None,
+        metavar="PATH",
+        help="The report (a .md file, or a folder for RESULTS.md); "
+        "default bench/RESULTS.md. The JSON goes beside it.",
+    )
+    parser.add_argument(
+        "--workdir",
+        default=None,
+        metavar="DIR",
+        help="Scratch folder (default: a temporary one, removed afterwards).",
+    )
     return parser.parse_args(argv)
 
 
@@ -146,8 +174,9 @@ def _run_one(key: str, settings: Settings) -> Section:
     return section
 
 
-def _header(old: dict, args: argparse.Namespace, wall: float, load: str,
-            sections: dict[str, Section]) -> dict:
+def _header(
+    old: dict, args: argparse.Namespace, wall: float, load: str, sections: dict[str, Section]
+) -> dict:
     if (args.soak or args.only) and old:
         # A partial run keeps the full run's header; each section carries its own date.
         return {**old, "commands": sorted({*old.get("commands", []), _command(args)})}

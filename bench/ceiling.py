@@ -26,7 +26,11 @@ def measure(settings: Settings, mode: str, connections: int, seconds: float) -> 
         cpu0, wall0 = server.cpu_now(), time.monotonic()
         out = subprocess.run(
             [sys.executable, "-m", "bench.load", str(server.port), str(connections), str(seconds)],
-            capture_output=True, text=True, env=env(), timeout=seconds + 60, check=True,
+            capture_output=True,
+            text=True,
+            env=env(),
+            timeout=seconds + 60,
+            check=True,
         ).stdout
         wall = time.monotonic() - wall0
         cpu = server.cpu_now() - cpu0
@@ -43,7 +47,9 @@ def measure(settings: Settings, mode: str, connections: int, seconds: float) -> 
 def run(settings: Settings) -> Section:
     seconds = 0.5 if settings.quick else 4.0
     section = Section(
-        "server", "0. The local servers' ceilings", "python -m bench",
+        "server",
+        "0. The local servers' ceilings",
+        "python -m bench",
         intro=prose(__doc__),
     )
     rows = []
@@ -53,11 +59,25 @@ def run(settings: Settings) -> Section:
     ):
         m = measure(settings, mode, connections, seconds)
         section.data[mode] = m
-        rows.append([label, connections, m["per_second"], m["cpu_us"], m["one_core"],
-                     f"{m['busy'] * 100:.0f}%"])
+        rows.append(
+            [
+                label,
+                connections,
+                m["per_second"],
+                m["cpu_us"],
+                m["one_core"],
+                f"{m['busy'] * 100:.0f}%",
+            ]
+        )
     section.table(
-        ["server", "connections", "answers / s reached", "server CPU us / answer",
-         "answers / s per core (1 / CPU)", "server busy"],
+        [
+            "server",
+            "connections",
+            "answers / s reached",
+            "server CPU us / answer",
+            "answers / s per core (1 / CPU)",
+            "server busy",
+        ],
         rows,
     )
     return section
@@ -70,8 +90,11 @@ def annotate(sections: dict[str, Section]) -> None:
         return
     ceiling = server.data["fast"]["per_second"]
     fastest = max(
-        (v["fired"] / max(1e-9, v["last_done"] - v["t0"])
-         for k, v in (cost.data.items() if cost else []) if k.startswith("throughput-")),
+        (
+            v["fired"] / max(1e-9, v["last_done"] - v["t0"])
+            for k, v in (cost.data.items() if cost else [])
+            if k.startswith("throughput-")
+        ),
         default=float("nan"),
     )
     server.ratios = [line for line in server.ratios if "ceiling" not in line]

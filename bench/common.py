@@ -121,11 +121,17 @@ def _git_commit() -> str:
     try:
         out = subprocess.run(
             ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-            capture_output=True, text=True, timeout=10, check=False,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "-C", str(REPO), "status", "--porcelain", "--", "scheduler", "migrations"],
-            capture_output=True, text=True, timeout=10, check=False,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
         ).stdout.strip()
     except OSError:
         return "unknown"
@@ -150,8 +156,12 @@ def run_worker(spec: dict[str, Any], workdir: Path, name: str, timeout: float) -
     with log_path.open("w") as log:
         proc = subprocess.run(
             [sys.executable, "-m", "bench.worker", str(spec_path), str(out_path)],
-            cwd=workdir, env=env(), stdout=log, stderr=subprocess.STDOUT,
-            timeout=timeout, check=False,
+            cwd=workdir,
+            env=env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+            check=False,
         )
     if proc.returncode != 0 or not out_path.exists():
         tail = log_path.read_text()[-3000:]

@@ -29,61 +29,116 @@ def _sustained(settings: Settings, section: Section) -> None:
     rate, seconds = settings.cost_rate
     cpu: dict[str, float] = {}
     rows: list[list[Any]] = []
-    runs = run_sides(settings, {
-        side: (f"cost-{side}", {"side": side, "tests": rate, "every": 1.0, "rounds": seconds,
-                                "spread": 1.0, "wait": seconds + 60.0})
-        for side in ("bare", "te")
-    })
+    runs = run_sides(
+        settings,
+        {
+            side: (
+                f"cost-{side}",
+                {
+                    "side": side,
+                    "tests": rate,
+                    "every": 1.0,
+                    "rounds": seconds,
+                    "spread": 1.0,
+                    "wait": seconds + 60.0,
+                },
+            )
+            for side in ("bare", "te")
+        },
+    )
     for side, run_ in runs.items():
         result = run_.result
         per = result["cpu_s"] / max(1, result["fired"]) * 1e6
         cpu[side] = per
-        rows.append([_label(side), result["fired"], result["cpu_s"], per,
-                     result["cpu_s"] / max(result["wall_s"], 1e-9) * 100,
-                     f"{run_.server_busy * 100:.0f}%"])
+        rows.append(
+            [
+                _label(side),
+                result["fired"],
+                result["cpu_s"],
+                per,
+                result["cpu_s"] / max(result["wall_s"], 1e-9) * 100,
+                f"{run_.server_busy * 100:.0f}%",
+            ]
+        )
         section.data[f"sustained-{side}"] = result
     section.table(
         ["side", "attempts", "CPU s", "CPU us / attempt", "CPU % of a core", "server busy"],
-        rows, f"{rate} calls a second for {seconds} s",
+        rows,
+        f"{rate} calls a second for {seconds} s",
     )
     r = ratio(cpu["te"], cpu["bare"])
     section.ratio(f"te-scheduler / bare CPU per attempt at {rate}/s", r, f"<= {TARGET}")
-    section.target("2. CPU per attempt ratio", f"<= {TARGET}x",
-                   f"{fmt(r, 2)}x ({fmt(cpu['te'], 0)} vs {fmt(cpu['bare'], 0)} us)",
-                   r <= TARGET)
+    section.target(
+        "2. CPU per attempt ratio",
+        f"<= {TARGET}x",
+        f"{fmt(r, 2)}x ({fmt(cpu['te'], 0)} vs {fmt(cpu['bare'], 0)} us)",
+        r <= TARGET,
+    )
 
 
 def _throughput(settings: Settings, section: Section) -> None:
     burst = settings.cost_burst
     rows: list[list[Any]] = []
-    runs = run_sides(settings, {
-        (c, side): (f"tput-{side}-{c}", {"side": side, "tests": burst, "every": 3600.0,
-                                         "rounds": 1, "workers": c, "wait": 120.0})
-        for c in settings.cost_concurrency for side in ("bare", "te")
-    })
+    runs = run_sides(
+        settings,
+        {
+            (c, side): (
+                f"tput-{side}-{c}",
+                {
+                    "side": side,
+                    "tests": burst,
+                    "every": 3600.0,
+                    "rounds": 1,
+                    "workers": c,
+                    "wait": 120.0,
+                },
+            )
+            for c in settings.cost_concurrency
+            for side in ("bare", "te")
+        },
+    )
     for concurrency in settings.cost_concurrency:
         rates: dict[str, float] = {}
         for side in ("bare", "te"):
             result = runs[(concurrency, side)].result
             span = max(1e-9, result["last_done"] - result["t0"])
             rates[side] = result["fired"] / span
-            rows.append([concurrency, _label(side), result["fired"], span, rates[side],
-                         result["cpu_s"] / max(1, result["fired"]) * 1e6,
-                         f"{runs[(concurrency, side)].server_busy * 100:.0f}%"])
+            rows.append(
+                [
+                    concurrency,
+                    _label(side),
+                    result["fired"],
+                    span,
+                    rates[side],
+                    result["cpu_s"] / max(1, result["fired"]) * 1e6,
+                    f"{runs[(concurrency, side)].server_busy * 100:.0f}%",
+                ]
+            )
             section.data[f"throughput-{side}-{concurrency}"] = result
         r = ratio(rates["bare"], rates["te"])
         section.ratio(
-            f"bare / te-scheduler attempts per second at concurrency {concurrency}", r,
+            f"bare / te-scheduler attempts per second at concurrency {concurrency}",
+            r,
             f"<= {TARGET}",
         )
         section.target(
-            f"2. throughput ratio, concurrency {concurrency}", f"<= {TARGET}x",
-            f"{fmt(r, 2)}x ({fmt(rates['te'], 0)} vs {fmt(rates['bare'], 0)} /s)", r <= TARGET,
+            f"2. throughput ratio, concurrency {concurrency}",
+            f"<= {TARGET}x",
+            f"{fmt(r, 2)}x ({fmt(rates['te'], 0)} vs {fmt(rates['bare'], 0)} /s)",
+            r <= TARGET,
         )
     section.table(
-        ["concurrency", "side", "attempts", "seconds", "attempts / s", "CPU us / attempt",
-         "server busy"],
-        rows, f"{burst} calls due at once",
+        [
+            "concurrency",
+            "side",
+            "attempts",
+            "seconds",
+            "attempts / s",
+            "CPU us / attempt",
+            "server busy",
+        ],
+        rows,
+        f"{burst} calls due at once",
     )
     te_cpu = [row[5] for row in rows if row[1] == "te-scheduler"]
     te_rate = [row[4] for row in rows if row[1] == "te-scheduler"]

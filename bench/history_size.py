@@ -50,15 +50,31 @@ def _generate_all(settings: Settings) -> None:
         _tool(settings, "generate", path, f"gen-{rows}", ["--rows", str(rows)], timeout=3600)
 
 
-def _tool(settings: Settings, action: str, path: Path, name: str, extra: list[str],
-          timeout: float | None) -> dict[str, Any] | None:
+def _tool(
+    settings: Settings, action: str, path: Path, name: str, extra: list[str], timeout: float | None
+) -> dict[str, Any] | None:
     """Run one history_tool action; None when it was stopped at ``timeout``."""
     out = settings.case_dir("history") / f"{name}.json"
-    args = [sys.executable, "-m", "bench.history_tool", action, "--db", str(path),
-            "--out", str(out), *extra]
+    args = [
+        sys.executable,
+        "-m",
+        "bench.history_tool",
+        action,
+        "--db",
+        str(path),
+        "--out",
+        str(out),
+        *extra,
+    ]
     try:
-        subprocess.run(args, env=env(), timeout=timeout, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        subprocess.run(
+            args,
+            env=env(),
+            timeout=timeout,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
     except subprocess.TimeoutExpired:
         return None
     result: dict[str, Any] = json.loads(out.read_text())
@@ -66,8 +82,7 @@ def _tool(settings: Settings, action: str, path: Path, name: str, extra: list[st
 
 
 def run(settings: Settings) -> Section:
-    section = Section("history", "5. History at size", "python -m bench",
-                      intro=prose(__doc__))
+    section = Section("history", "5. History at size", "python -m bench", intro=prose(__doc__))
     start_generation(settings)
     _generation[str(settings.workdir)].join()
     rows_out: list[list[Any]] = []
@@ -77,9 +92,18 @@ def run(settings: Settings) -> Section:
         section.data[str(rows)] = data
         rows_out.append(_row(rows, data))
     section.table(
-        ["rows", "generated in s", "file GB", "history first ms", "history warm ms",
-         "CLI history s", "stats s", "prune half s", "writes p50 / p99 / max ms before",
-         "writes p50 / p99 / max ms during prune"],
+        [
+            "rows",
+            "generated in s",
+            "file GB",
+            "history first ms",
+            "history warm ms",
+            "CLI history s",
+            "stats s",
+            "prune half s",
+            "writes p50 / p99 / max ms before",
+            "writes p50 / p99 / max ms during prune",
+        ],
         rows_out,
     )
     _targets(section, settings)
@@ -106,21 +130,48 @@ def _cli_history(settings: Settings, path: Path) -> float:
     config.write_text("version: 1\njobs:\n  - {name: job-7, tests: [1], schedule: {every: 1h}}\n")
     started = time.monotonic()
     subprocess.run(
-        [sys.executable, "-m", "scheduler", "-c", str(config), "--db", f"sqlite:///{path}",
-         "history", "--job", "job-7", "--since", "7d"],
-        env=env(), capture_output=True, timeout=300, check=True,
+        [
+            sys.executable,
+            "-m",
+            "scheduler",
+            "-c",
+            str(config),
+            "--db",
+            f"sqlite:///{path}",
+            "history",
+            "--job",
+            "job-7",
+            "--since",
+            "7d",
+        ],
+        env=env(),
+        capture_output=True,
+        timeout=300,
+        check=True,
     )
     return time.monotonic() - started
 
 
-def _prune_with_writes(settings: Settings, path: Path, rows: int,
-                       cap: float | None) -> dict[str, Any]:
+def _prune_with_writes(
+    settings: Settings, path: Path, rows: int, cap: float | None
+) -> dict[str, Any]:
     before = _median_start(path)
     total = _count(path)
     out = settings.case_dir("history") / f"writes-{rows}.json"
     writer = subprocess.Popen(
-        [sys.executable, "-m", "bench.history_tool", "insert", "--db", str(path),
-         "--out", str(out), "--rate", "50"], env=env(),
+        [
+            sys.executable,
+            "-m",
+            "bench.history_tool",
+            "insert",
+            "--db",
+            str(path),
+            "--out",
+            str(out),
+            "--rate",
+            "50",
+        ],
+        env=env(),
     )
     time.sleep(1.0 if settings.quick else BASELINE_S)
     prune_start = time.time()
@@ -134,8 +185,11 @@ def _prune_with_writes(settings: Settings, path: Path, rows: int,
     during = [ms for at, ms in samples if prune_start <= at <= prune_end]
     deleted = pruned["deleted"] if pruned else total - _count(path)
     return {
-        "prune": pruned, "deleted": deleted, "prune_s": prune_end - prune_start,
-        "writes_before": _spread(base), "writes_during": _spread(during),
+        "prune": pruned,
+        "deleted": deleted,
+        "prune_s": prune_end - prune_start,
+        "writes_before": _spread(base),
+        "writes_during": _spread(during),
     }
 
 
@@ -143,8 +197,9 @@ def _median_start(path: Path) -> str:
     con = sqlite3.connect(path)
     try:
         count = con.execute("SELECT max(id) FROM attempts").fetchone()[0] or 0
-        text = con.execute("SELECT started_at FROM attempts WHERE id >= ? ORDER BY id LIMIT 1",
-                           (count // 2,)).fetchone()[0]
+        text = con.execute(
+            "SELECT started_at FROM attempts WHERE id >= ? ORDER BY id LIMIT 1", (count // 2,)
+        ).fetchone()[0]
     finally:
         con.close()
     return datetime.fromisoformat(text).replace(tzinfo=timezone.utc).isoformat()
@@ -159,48 +214,77 @@ def _count(path: Path) -> int:
 
 
 def _spread(values: list[float]) -> dict[str, float]:
-    return {"n": len(values), "p50": percentile(values, 50), "p99": percentile(values, 99),
-            "max": max(values) if values else math.nan}
+    return {
+        "n": len(values),
+        "p50": percentile(values, 50),
+        "p99": percentile(values, 99),
+        "max": max(values) if values else math.nan,
+    }
 
 
 def _row(rows: int, d: dict[str, Any]) -> list[Any]:
     query = d["query"]["ms"] if d["query"] else []
     stats = f"{d['stats']['seconds']:.2f}" if d["stats"] else "> cap"
-    prune = (f"{d['prune']['seconds']:.1f}" if d["prune"]
-             else f"> cap ({d['deleted']:,} of {rows // 2:,} rows, "
-                  f"{d['deleted'] / max(d['prune_s'], 1e-9):,.0f}/s)")
+    prune = (
+        f"{d['prune']['seconds']:.1f}"
+        if d["prune"]
+        else f"> cap ({d['deleted']:,} of {rows // 2:,} rows, "
+        f"{d['deleted'] / max(d['prune_s'], 1e-9):,.0f}/s)"
+    )
     b, w = d["writes_before"], d["writes_during"]
-    return [rows, d["generated"]["seconds"], d["generated"]["bytes"] / 1e9,
-            query[0] if query else math.nan, sorted(query[1:])[len(query[1:]) // 2]
-            if len(query) > 1 else math.nan, d["cli_s"], stats, prune,
-            f"{fmt(b['p50'])} / {fmt(b['p99'])} / {fmt(b['max'])}",
-            f"{fmt(w['p50'])} / {fmt(w['p99'])} / {fmt(w['max'])}"]
+    return [
+        rows,
+        d["generated"]["seconds"],
+        d["generated"]["bytes"] / 1e9,
+        query[0] if query else math.nan,
+        sorted(query[1:])[len(query[1:]) // 2] if len(query) > 1 else math.nan,
+        d["cli_s"],
+        stats,
+        prune,
+        f"{fmt(b['p50'])} / {fmt(b['p99'])} / {fmt(b['max'])}",
+        f"{fmt(w['p50'])} / {fmt(w['p99'])} / {fmt(w['max'])}",
+    ]
 
 
 def _targets(section: Section, settings: Settings) -> None:
     at = max(settings.history_rows)
     d = section.data[str(at)]
     first = d["query"]["ms"][0] if d["query"] else math.nan
-    section.ratio(f"history (first call) / {TARGET_QUERY_MS:g} ms target at {at:,} rows",
-                  first / TARGET_QUERY_MS, "<= 1")
+    section.ratio(
+        f"history (first call) / {TARGET_QUERY_MS:g} ms target at {at:,} rows",
+        first / TARGET_QUERY_MS,
+        "<= 1",
+    )
     stats_s = d["stats"]["seconds"] if d["stats"] else math.inf
     if d["stats"]:
-        section.ratio(f"stats / {TARGET_STATS_S:g} s target at {at:,} rows",
-                      stats_s / TARGET_STATS_S, "<= 1")
+        section.ratio(
+            f"stats / {TARGET_STATS_S:g} s target at {at:,} rows", stats_s / TARGET_STATS_S, "<= 1"
+        )
     else:
         section.ratios.append(
             f"stats / {TARGET_STATS_S:g} s target at {at:,} rows: "
             f"> {settings.history_cap / TARGET_STATS_S:.2f}x (stopped at the cap; target <= 1)"
         )
     slow = d["writes_during"]["p99"] / d["writes_before"]["p99"]
-    section.ratio(f"daemon write p99 during prune / before, at {at:,} rows", slow,
-                  f"<= {TARGET_SLOWDOWN}")
-    section.target(f"5. history --job X --since 7d, {at:,} rows", f"< {TARGET_QUERY_MS:g} ms",
-                   f"{fmt(first)} ms (first call in a fresh process)", first < TARGET_QUERY_MS)
-    section.target(f"5. stats --since 30d, {at:,} rows", f"< {TARGET_STATS_S:g} s",
-                   f"{fmt(stats_s, 2)} s" if d["stats"] else f"> {settings.history_cap:g} s",
-                   stats_s < TARGET_STATS_S)
-    section.target(f"5. daemon writes during prune, {at:,} rows",
-                   f"not slowed (p99 <= {TARGET_SLOWDOWN}x before)",
-                   f"p99 {fmt(d['writes_during']['p99'])} ms vs {fmt(d['writes_before']['p99'])}"
-                   f" ms ({fmt(slow, 1)}x)", slow <= TARGET_SLOWDOWN)
+    section.ratio(
+        f"daemon write p99 during prune / before, at {at:,} rows", slow, f"<= {TARGET_SLOWDOWN}"
+    )
+    section.target(
+        f"5. history --job X --since 7d, {at:,} rows",
+        f"< {TARGET_QUERY_MS:g} ms",
+        f"{fmt(first)} ms (first call in a fresh process)",
+        first < TARGET_QUERY_MS,
+    )
+    section.target(
+        f"5. stats --since 30d, {at:,} rows",
+        f"< {TARGET_STATS_S:g} s",
+        f"{fmt(stats_s, 2)} s" if d["stats"] else f"> {settings.history_cap:g} s",
+        stats_s < TARGET_STATS_S,
+    )
+    section.target(
+        f"5. daemon writes during prune, {at:,} rows",
+        f"not slowed (p99 <= {TARGET_SLOWDOWN}x before)",
+        f"p99 {fmt(d['writes_during']['p99'])} ms vs {fmt(d['writes_before']['p99'])}"
+        f" ms ({fmt(slow, 1)}x)",
+        slow <= TARGET_SLOWDOWN,
+    )

@@ -30,15 +30,19 @@ QUERY_JOB = "job-7"
 
 
 def generate(path: Path, rows: int) -> dict[str, Any]:
-    from scheduler import db
+    from scheduler.store import db
 
     engine = db.make_engine(f"sqlite:///{path}")
     db.upgrade(engine)
     engine.dispose()
     started = time.monotonic()
     con = sqlite3.connect(path, isolation_level=None)
-    for pragma in ("journal_mode=OFF", "synchronous=OFF", "cache_size=-2000000",
-                   "temp_store=MEMORY"):
+    for pragma in (
+        "journal_mode=OFF",
+        "synchronous=OFF",
+        "cache_size=-2000000",
+        "temp_store=MEMORY",
+    ):
         con.execute(f"PRAGMA {pragma}")
     indexes = con.execute(
         "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'attempts' "
@@ -55,8 +59,12 @@ def generate(path: Path, rows: int) -> dict[str, Any]:
     con.execute("COMMIT")
     con.execute("PRAGMA journal_mode=WAL")
     con.close()
-    return {"rows": rows, "seconds": time.monotonic() - started, "bytes": path.stat().st_size,
-            "end": end}
+    return {
+        "rows": rows,
+        "seconds": time.monotonic() - started,
+        "bytes": path.stat().st_size,
+        "end": end,
+    }
 
 
 def _insert_sql(offset: int, count: int, total: int, end: int) -> str:
@@ -64,8 +72,10 @@ def _insert_sql(offset: int, count: int, total: int, end: int) -> str:
     span = SPAN_DAYS * 86400
     start = end - span
     # SQLAlchemy stores SQLite times as 'YYYY-MM-DD HH:MM:SS.ffffff'; match it exactly.
-    stamp = (f"printf('%s.%06d', datetime({start} + (i * {span} / {total}), 'unixepoch'), "
-             f"(i * {span} % {total}) * 1000000 / {total})")
+    stamp = (
+        f"printf('%s.%06d', datetime({start} + (i * {span} / {total}), 'unixepoch'), "
+        f"(i * {span} % {total}) * 1000000 / {total})"
+    )
     failure = "i % 50 = 7"
     limited = "i % 50 = 13"
     return f"""
@@ -83,13 +93,14 @@ FROM r"""  # noqa: E501
 
 
 def _engine(path: Path) -> Any:
-    from scheduler import db
+    from scheduler.store import db
 
     return db.make_engine(f"sqlite:///{path}")
 
 
 def query(path: Path, repeat: int) -> dict[str, Any]:
-    from scheduler import clock, history
+    from scheduler import clock
+    from scheduler.store import history
 
     engine = _engine(path)
     times, found = [], 0
@@ -102,7 +113,8 @@ def query(path: Path, repeat: int) -> dict[str, Any]:
 
 
 def stats(path: Path) -> dict[str, Any]:
-    from scheduler import clock, history
+    from scheduler import clock
+    from scheduler.store import history
 
     engine = _engine(path)
     started = time.perf_counter()
@@ -111,7 +123,7 @@ def stats(path: Path) -> dict[str, Any]:
 
 
 def prune(path: Path, before: str) -> dict[str, Any]:
-    from scheduler import history
+    from scheduler.store import history
 
     engine = _engine(path)
     started = time.perf_counter()
@@ -121,7 +133,8 @@ def prune(path: Path, before: str) -> dict[str, Any]:
 
 def insert(path: Path, rate: float, out: Path) -> None:
     """Write like the daemon until SIGTERM; then save [epoch, ms] per start+finish pair."""
-    from scheduler import clock, history
+    from scheduler import clock
+    from scheduler.store import history
 
     engine = _engine(path)
     stop = threading.Event()
@@ -132,13 +145,28 @@ def insert(path: Path, rate: float, out: Path) -> None:
     next_at = time.monotonic()
     while not stop.is_set():
         i += 1
-        key = history.AttemptKey(f"live{i:028d}", "bench-live", "1", None, "schedule",
-                                 base + timedelta(seconds=i), 1, "bench-live:1")
+        key = history.AttemptKey(
+            f"live{i:028d}",
+            "bench-live",
+            "1",
+            None,
+            "schedule",
+            base + timedelta(seconds=i),
+            1,
+            "bench-live:1",
+        )
         started = time.perf_counter()
         row = history.start_attempt(engine, key, clock.now())
         if row is not None:
-            history.finish_attempt(engine, row, finished_at=clock.now(), outcome="success",
-                                   status_code=200, error=None, duration_ms=5)
+            history.finish_attempt(
+                engine,
+                row,
+                finished_at=clock.now(),
+                outcome="success",
+                status_code=200,
+                error=None,
+                duration_ms=5,
+            )
         samples.append([time.time(), (time.perf_counter() - started) * 1000])
         next_at += 1 / rate
         stop.wait(max(0.0, next_at - time.monotonic()))

@@ -29,7 +29,9 @@ def lags(records: list[Record], t0: float, every: float, rounds: int) -> list[fl
 
 def run(settings: Settings) -> Section:
     section = Section(
-        "lag", "1. Firing lag", "python -m bench",
+        "lag",
+        "1. Firing lag",
+        "python -m bench",
         intro=(
             f"N calls due at the same instant, {settings.workers} workers (te-scheduler: "
             f"`api.concurrency: {settings.workers}`), against the fast local server. Lag = "
@@ -37,9 +39,12 @@ def run(settings: Settings) -> Section:
         ),
     )
     cases = {
-        (n, side): (f"lag-{side}-{n}", {"side": side, "tests": n, "rounds": rounds,
-                                        "every": every, "wait": 60.0 + n * 0.1})
-        for n, rounds, every in settings.lag_cases for side in ("bare", "te")
+        (n, side): (
+            f"lag-{side}-{n}",
+            {"side": side, "tests": n, "rounds": rounds, "every": every, "wait": 60.0 + n * 0.1},
+        )
+        for n, rounds, every in settings.lag_cases
+        for side in ("bare", "te")
     }
     runs = run_sides(settings, cases)
     rows: list[list[Any]] = []
@@ -51,20 +56,44 @@ def run(settings: Settings) -> Section:
             s = spread([v * 1000 for v in values])
             stats[side] = s
             lost = n * rounds - s["n"]
-            rows.append([n, rounds, _label(side), s["p50"], s["p99"], s["max"], lost,
-                         _history(run_.result), f"{run_.server_busy * 100:.0f}%"])
-            section.data[f"{side}-{n}"] = {"lag_ms": s, "worker": run_.result,
-                                            "server_busy": run_.server_busy}
+            rows.append(
+                [
+                    n,
+                    rounds,
+                    _label(side),
+                    s["p50"],
+                    s["p99"],
+                    s["max"],
+                    lost,
+                    _history(run_.result),
+                    f"{run_.server_busy * 100:.0f}%",
+                ]
+            )
+            section.data[f"{side}-{n}"] = {
+                "lag_ms": s,
+                "worker": run_.result,
+                "server_busy": run_.server_busy,
+            }
         r = ratio(stats["te"]["p99"], stats["bare"]["p99"])
         section.ratio(f"te-scheduler p99 / bare p99 with {n} call(s) due", r, f"<= {TARGET}")
         section.target(
-            f"1. lag p99 ratio, {n} due", f"<= {TARGET}x",
+            f"1. lag p99 ratio, {n} due",
+            f"<= {TARGET}x",
             f"{fmt(r, 2)}x ({fmt(stats['te']['p99'])} vs {fmt(stats['bare']['p99'])} ms)",
             r <= TARGET,
         )
     section.table(
-        ["due at once", "rounds", "side", "p50 ms", "p99 ms", "max ms", "lost",
-         "history rows", "server busy"],
+        [
+            "due at once",
+            "rounds",
+            "side",
+            "p50 ms",
+            "p99 ms",
+            "max ms",
+            "lost",
+            "history rows",
+            "server busy",
+        ],
         rows,
     )
     biggest = max(n for n, _, _ in settings.lag_cases)

@@ -41,7 +41,9 @@ def outcome(run_: SideRun, n: int) -> dict[str, Any]:
 def run(settings: Settings) -> Section:
     window, limit = settings.makespan_window, settings.makespan_limit
     section = Section(
-        "makespan", "3. Rate-limited makespan", "python -m bench",
+        "makespan",
+        "3. Rate-limited makespan",
+        "python -m bench",
         intro=prose(__doc__)
         + f" Here L = {limit} per {window:g} s (the simulator's instant-test bucket; its "
         f"organization bucket is {limit * 10}).",
@@ -57,24 +59,28 @@ def run(settings: Settings) -> Section:
             o = results[(n, side)]
             section.data[f"{side}-{n}"] = o
             over = (o["makespan"] - best) / window if not o["lost"] else math.nan
-            rows.append([n, LABELS[side], o["accepted"], o["refused"], o["lost"], o["makespan"],
-                         best, over])
+            rows.append(
+                [n, LABELS[side], o["accepted"], o["refused"], o["lost"], o["makespan"], best, over]
+            )
         te, sdk = results[(n, "te")], results[(n, "sdk")]
         section.ratio(
             f"te-scheduler / ideal makespan + one window with N={n}",
             te["makespan"] / (best + window),
             "<= 1",
         )
-        section.ratio(f"te-scheduler / SDK way makespan with N={n} (SDK lost {sdk['lost']})",
-                      te["makespan"] / sdk["makespan"] if sdk["accepted"] else math.nan)
+        section.ratio(
+            f"te-scheduler / SDK way makespan with N={n} (SDK lost {sdk['lost']})",
+            te["makespan"] / sdk["makespan"] if sdk["accepted"] else math.nan,
+        )
         ok = te["refused"] == 0 and te["lost"] == 0 and te["makespan"] <= best + window
         section.target(
-            f"3. makespan, N={n}", f"0 x 429, all sent, <= {fmt(best + window)} s",
-            f"{te['refused']} x 429, {te['lost']} lost, {fmt(te['makespan'])} s", ok,
+            f"3. makespan, N={n}",
+            f"0 x 429, all sent, <= {fmt(best + window)} s",
+            f"{te['refused']} x 429, {te['lost']} lost, {fmt(te['makespan'])} s",
+            ok,
         )
     section.table(
-        ["N", "side", "accepted", "429s", "lost", "makespan s", "ideal s",
-         "windows over ideal"],
+        ["N", "side", "accepted", "429s", "lost", "makespan s", "ideal s", "windows over ideal"],
         rows,
     )
     _per_window(section, settings)
@@ -93,13 +99,23 @@ def run(settings: Settings) -> Section:
 def _one(settings: Settings, n: int, side: str) -> dict[str, Any]:
     window, limit = settings.makespan_window, settings.makespan_limit
     spec = {
-        "side": side, "tests": n, "rounds": 1, "every": 3600.0,
+        "side": side,
+        "tests": n,
+        "rounds": 1,
+        "every": 3600.0,
         "rate_limit": f"{limit}/{window:g}s",
         "margin": settings.margin + (0.5 if settings.quick else 2.0),
         "wait": ideal(n, limit, window) + 6 * window + 60.0,
     }
-    run_ = run_side(settings, f"makespan-{side}-{n}", spec, "sim", org_limit=limit * 10,
-                    instant_limit=limit, window=window)
+    run_ = run_side(
+        settings,
+        f"makespan-{side}-{n}",
+        spec,
+        "sim",
+        org_limit=limit * 10,
+        instant_limit=limit,
+        window=window,
+    )
     return outcome(run_, n)
 
 

@@ -42,15 +42,21 @@ def _summary(profiler: cProfile.Profile, divide: int) -> dict[str, Any]:
             library.append([where, calls, tot / divide * 1e6])
     product.sort(key=lambda row: -row[2])
     library.sort(key=lambda row: -row[2])
-    return {"product": product[:TOP_PRODUCT], "library": library[:TOP_LIBRARY],
-            "total_us": stats.total_tt / divide * 1e6}
+    return {
+        "product": product[:TOP_PRODUCT],
+        "library": library[:TOP_LIBRARY],
+        "total_us": stats.total_tt / divide * 1e6,
+    }
 
 
 def _short(file: str) -> str:
     for marker in ("/scheduler/", "/site-packages/", "/lib/python3"):
         if marker in file:
-            return file.split(marker, 1)[1] if marker != "/scheduler/" else \
-                "scheduler/" + file.split(marker, 1)[1]
+            return (
+                file.split(marker, 1)[1]
+                if marker != "/scheduler/"
+                else "scheduler/" + file.split(marker, 1)[1]
+            )
     return Path(file).name
 
 
@@ -64,12 +70,14 @@ def _cpu_us(fn: Any, n: int) -> float:
 
 def profile_attempt(base_url: str, n: int, workdir: Path) -> dict[str, Any]:
     from bench import bare
-    from scheduler import clock, db, history
-    from scheduler.client import Caller
-    from scheduler.config import ApiConfig, Job, Rate, Schedule
-    from scheduler.limiter import Limiter
+    from scheduler import clock
+    from scheduler.api.client import Caller
+    from scheduler.api.limiter import Limiter
+    from scheduler.config import ApiConfig, Job, Schedule
+    from scheduler.config.model import Rate
     from scheduler.logs import setup_logging
     from scheduler.runner import Firing, Runner
+    from scheduler.store import db, history
 
     setup_logging("info", "text")
     engine = db.make_engine(f"sqlite:///{workdir / 'profile.db'}")
@@ -87,8 +95,15 @@ def profile_attempt(base_url: str, n: int, workdir: Path) -> dict[str, Any]:
     def write(i: int) -> None:
         key = history.AttemptKey(f"p{i}", "profile-w", str(i), None, "schedule", slot, 1, "b:1")
         row = history.start_attempt(engine, key, clock.now())
-        history.finish_attempt(engine, row, finished_at=clock.now(), outcome="success",
-                               status_code=200, error=None, duration_ms=1)
+        history.finish_attempt(
+            engine,
+            row,
+            finished_at=clock.now(),
+            outcome="success",
+            status_code=200,
+            error=None,
+            duration_ms=1,
+        )
 
     def pace(i: int) -> None:
         limiter.complete(limiter.acquire(slot), None)  # type: ignore[arg-type]
@@ -97,11 +112,12 @@ def profile_attempt(base_url: str, n: int, workdir: Path) -> dict[str, Any]:
         fire(i, 10**6)
         bare.run_test(base_url, "1")
     parts = [
-        ["bare script: run_test (requests.post)",
-         _cpu_us(lambda i: bare.run_test(base_url, "1"), n)],
+        [
+            "bare script: run_test (requests.post)",
+            _cpu_us(lambda i: bare.run_test(base_url, "1"), n),
+        ],
         ["te-scheduler: Caller.send", _cpu_us(lambda i: caller.send("1", None), n)],
-        ["te-scheduler: history.start_attempt + finish_attempt",
-         _cpu_us(write, n)],
+        ["te-scheduler: history.start_attempt + finish_attempt", _cpu_us(write, n)],
         ["same two statements through sqlite3 directly", _raw_writes(workdir, n)],
         ["te-scheduler: Limiter.acquire + complete", _cpu_us(pace, n)],
         ["te-scheduler: Runner.fire (the whole attempt)", _cpu_us(lambda i: fire(i, 2 * 10**6), n)],
@@ -125,14 +141,31 @@ def _raw_writes(workdir: Path, n: int) -> float:
         "started_at, finished_at, outcome, error, instance) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) "
         "ON CONFLICT (job, test_id, scheduled_for, attempt) DO NOTHING RETURNING id"
     )
-    update = ("UPDATE attempts SET finished_at=?, outcome=?, status_code=?, error=?, "
-              "duration_ms=? WHERE id=?")
+    update = (
+        "UPDATE attempts SET finished_at=?, outcome=?, status_code=?, error=?, "
+        "duration_ms=? WHERE id=?"
+    )
 
     def write(i: int) -> None:
         now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")
         con.execute("BEGIN IMMEDIATE")
-        row = con.execute(insert, (f"r{i}", "profile-raw", str(i), None, "schedule", now, 1,
-                                   now, None, "pending", None, "b:1")).fetchone()
+        row = con.execute(
+            insert,
+            (
+                f"r{i}",
+                "profile-raw",
+                str(i),
+                None,
+                "schedule",
+                now,
+                1,
+                now,
+                None,
+                "pending",
+                None,
+                "b:1",
+            ),
+        ).fetchone()
         con.execute("COMMIT")
         con.execute("BEGIN IMMEDIATE")
         con.execute(update, (now, "success", 200, None, 1, row[0]))
@@ -146,10 +179,10 @@ def _raw_writes(workdir: Path, n: int) -> float:
 
 def profile_startup(base_url: str, n: int, workdir: Path) -> dict[str, Any]:
     from bench.scale import jobs, te_config
-    from scheduler import db
     from scheduler.config import load
     from scheduler.daemon import Daemon
     from scheduler.logs import setup_logging
+    from scheduler.store import db
 
     setup_logging("info", "text")
     url = f"sqlite:///{workdir / 'startup.db'}"
@@ -171,8 +204,9 @@ def profile_startup(base_url: str, n: int, workdir: Path) -> dict[str, Any]:
 
 
 def run(settings: Settings) -> Section:
-    section = Section("profile", "7. Where te-scheduler's time goes", "python -m bench",
-                      intro=prose(__doc__))
+    section = Section(
+        "profile", "7. Where te-scheduler's time goes", "python -m bench", intro=prose(__doc__)
+    )
     workdir = settings.case_dir("profile")
     startup_jobs = 200 if settings.quick else 2_000
     with Server(workdir, "profile") as server:
@@ -180,39 +214,62 @@ def run(settings: Settings) -> Section:
         startup = _child("startup", server.url, startup_jobs, workdir)
     section.data = {"attempt": attempt, "startup": startup}
     parts, te = attempt["parts"], attempt["te"]
-    section.table(["one attempt, single thread", "CPU us per call"], parts,
-                  "CPU time of each piece, measured without a profiler")
+    section.table(
+        ["one attempt, single thread", "CPU us per call"],
+        parts,
+        "CPU time of each piece, measured without a profiler",
+    )
     total = max(te["total_us"], 1e-9)
-    section.table(["te-scheduler function (Runner.fire under cProfile)", "calls",
-                   "% of the attempt (cumulative)", "% (own)"],
-                  [[w, c, cum / total * 100, tot / total * 100]
-                   for w, c, cum, tot in te["product"]])
-    section.table(["library function (te-scheduler's attempt)", "calls", "% of the attempt (own)"],
-                  [[w, c, tot / total * 100] for w, c, tot in te["library"]])
+    section.table(
+        [
+            "te-scheduler function (Runner.fire under cProfile)",
+            "calls",
+            "% of the attempt (cumulative)",
+            "% (own)",
+        ],
+        [[w, c, cum / total * 100, tot / total * 100] for w, c, cum, tot in te["product"]],
+    )
+    section.table(
+        ["library function (te-scheduler's attempt)", "calls", "% of the attempt (own)"],
+        [[w, c, tot / total * 100] for w, c, tot in te["library"]],
+    )
     by_name = {name: value for name, value in parts}
-    section.ratio("history write through SQLAlchemy / the same statements through sqlite3",
-                  by_name["te-scheduler: history.start_attempt + finish_attempt"]
-                  / max(by_name["same two statements through sqlite3 directly"], 1e-9))
-    section.ratio("te-scheduler Runner.fire / bare run_test, CPU per attempt",
-                  by_name["te-scheduler: Runner.fire (the whole attempt)"]
-                  / max(by_name["bare script: run_test (requests.post)"], 1e-9))
-    section.table(["te-scheduler function", "calls", "s (cumulative)", "s (own)"],
-                  [[w, c, cum / 1e6, tot / 1e6] for w, c, cum, tot in startup["product"]],
-                  f"start-up with {startup_jobs:,} jobs: {startup['wall_s']:.2f} s "
-                  "(config.load + Daemon + Daemon.start, under the profiler)")
-    section.table(["library function (start-up)", "calls", "s (own)"],
-                  [[w, c, tot / 1e6] for w, c, tot in startup["library"]])
-    section.ratio(f"profiled start-up with {startup_jobs:,} jobs / 3 s",
-                  startup["wall_s"] / 3.0)
+    section.ratio(
+        "history write through SQLAlchemy / the same statements through sqlite3",
+        by_name["te-scheduler: history.start_attempt + finish_attempt"]
+        / max(by_name["same two statements through sqlite3 directly"], 1e-9),
+    )
+    section.ratio(
+        "te-scheduler Runner.fire / bare run_test, CPU per attempt",
+        by_name["te-scheduler: Runner.fire (the whole attempt)"]
+        / max(by_name["bare script: run_test (requests.post)"], 1e-9),
+    )
+    section.table(
+        ["te-scheduler function", "calls", "s (cumulative)", "s (own)"],
+        [[w, c, cum / 1e6, tot / 1e6] for w, c, cum, tot in startup["product"]],
+        f"start-up with {startup_jobs:,} jobs: {startup['wall_s']:.2f} s "
+        "(config.load + Daemon + Daemon.start, under the profiler)",
+    )
+    section.table(
+        ["library function (start-up)", "calls", "s (own)"],
+        [[w, c, tot / 1e6] for w, c, tot in startup["library"]],
+    )
+    section.ratio(f"profiled start-up with {startup_jobs:,} jobs / 3 s", startup["wall_s"] / 3.0)
     return section
 
 
 def _child(kind: str, base_url: str, n: int, workdir: Path) -> dict[str, Any]:
     out = workdir / f"{kind}.json"
     with (workdir / f"{kind}.log").open("w") as log:
-        subprocess.run([sys.executable, "-m", "bench.profile", kind, str(out), str(n),
-                        base_url], env=env(), cwd=workdir, stdout=log, stderr=log,
-                       timeout=600, check=True)
+        subprocess.run(
+            [sys.executable, "-m", "bench.profile", kind, str(out), str(n), base_url],
+            env=env(),
+            cwd=workdir,
+            stdout=log,
+            stderr=log,
+            timeout=600,
+            check=True,
+        )
     result: dict[str, Any] = json.loads(out.read_text())
     return result
 

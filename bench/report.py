@@ -119,8 +119,15 @@ def render(sections: dict[str, Section], header: dict[str, Any]) -> str:
         f"- Other load on the machine: {header.get('load', 'not measured')}",
         f"- Wall time of the run: {fmt(header.get('wall_s'), 0)} s",
         "",
-        *(["**Quick mode**: smoke-test sizes; the figures and verdicts below only show that "
-           "every scenario runs and reports.", ""] if header.get("quick") else []),
+        *(
+            [
+                "**Quick mode**: smoke-test sizes; the figures and verdicts below only show that "
+                "every scenario runs and reports.",
+                "",
+            ]
+            if header.get("quick")
+            else []
+        ),
         "The floor is `bench/bare.py`: APScheduler `BackgroundScheduler` + `ThreadPoolExecutor(16)`"
         " + `requests.post` on one `Session`, no history, no limits. te-scheduler is the real"
         " product code (its `Daemon`, or the `te-scheduler run` process for start-up and memory)."
@@ -129,8 +136,12 @@ def render(sections: dict[str, Section], header: dict[str, Any]) -> str:
     ]
     summary = [t for key in ORDER if key in sections for t in sections[key].targets]
     if summary:
-        out += ["## Targets at a glance", "", "| target | wanted | measured | verdict |",
-                "|---|---|---|---|"]
+        out += [
+            "## Targets at a glance",
+            "",
+            "| target | wanted | measured | verdict |",
+            "|---|---|---|---|",
+        ]
         out += [f"| {t.what} | {t.target} | {t.measured} | {verdict(t.ok)} |" for t in summary]
         out.append("")
     for key in ORDER:

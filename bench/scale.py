@@ -46,16 +46,26 @@ def jobs(n: int, probes: bool, now: float) -> list[dict[str, Any]]:
             out.append({"test": str(i), "cron": f"{later.minute} {later.hour} * * *"})
     if probes:
         anchor = math.floor(now)
-        out += [{"test": str(PROBE_BASE + k), "every": 1, "start": anchor + k / PROBES}
-                for k in range(PROBES)]
+        out += [
+            {"test": str(PROBE_BASE + k), "every": 1, "start": anchor + k / PROBES}
+            for k in range(PROBES)
+        ]
     return out
 
 
 def te_config(items: list[dict[str, Any]], base_url: str, db_url: str, per_job: int = 1) -> str:
     """The jobs as jobs.yaml; ``per_job`` > 1 groups that many tests under the first's schedule
     (the probes always stay one job each)."""
-    lines = ["version: 1", "api:", f"  base_url: {base_url}", "  token_env: BENCH_TOKEN",
-             "  rate_limit: 999999999/s", "history:", f"  url: {db_url}", "jobs:"]
+    lines = [
+        "version: 1",
+        "api:",
+        f"  base_url: {base_url}",
+        "  token_env: BENCH_TOKEN",
+        "  rate_limit: 999999999/s",
+        "history:",
+        f"  url: {db_url}",
+        "jobs:",
+    ]
     probes = [item for item in items if int(item["test"]) >= PROBE_BASE]
     plain = [item for item in items if int(item["test"]) < PROBE_BASE]
     groups = [plain[i : i + per_job] for i in range(0, len(plain), per_job)]
@@ -71,13 +81,14 @@ def te_config(items: list[dict[str, Any]], base_url: str, db_url: str, per_job: 
     return "\n".join(lines) + "\n"
 
 
-def launch(side: str, n: int, probes: bool, base_url: str, workdir: Path,
-           per_job: int = 1) -> subprocess.Popen:
+def launch(
+    side: str, n: int, probes: bool, base_url: str, workdir: Path, per_job: int = 1
+) -> subprocess.Popen:
     """Write the side's job file and start it; stdout and stderr go to a log file."""
     items = jobs(n, probes, time.time())
     tag = f"{side}-{n}-{'probe' if probes else 'idle'}"
     if side == "te":
-        from scheduler import db
+        from scheduler.store import db
 
         db_path = workdir / f"{tag}-{per_job}.db"
         engine = db.make_engine(f"sqlite:///{db_path}")
@@ -133,9 +144,16 @@ def run(settings: Settings) -> Section:
     return section
 
 
-def _size(settings: Settings, n: int, workdir: Path, idle_url: str,
-          starts: dict[tuple[str, int], float], before: dict[tuple[str, int], ProcSample],
-          after: dict[tuple[str, int], ProcSample], notes: list[str]) -> None:
+def _size(
+    settings: Settings,
+    n: int,
+    workdir: Path,
+    idle_url: str,
+    starts: dict[tuple[str, int], float],
+    before: dict[tuple[str, int], ProcSample],
+    after: dict[tuple[str, int], ProcSample],
+    notes: list[str],
+) -> None:
     """Start-up of both sides with N jobs, then their idle CPU and memory side by side."""
     idle: dict[str, subprocess.Popen] = {}
     try:
@@ -149,9 +167,11 @@ def _size(settings: Settings, n: int, workdir: Path, idle_url: str,
                 # measure the same number of scheduled tests as jobs of five tests each.
                 idle[side].kill()
                 idle[side].wait()
-                notes.append(f"te-scheduler with {n:,} one-test jobs did not start: "
-                             f"{refusal(workdir, side, n)}. Its row is {n // 5:,} jobs of 5 "
-                             f"tests ({n:,} scheduled tests).")
+                notes.append(
+                    f"te-scheduler with {n:,} one-test jobs did not start: "
+                    f"{refusal(workdir, side, n)}. Its row is {n // 5:,} jobs of 5 "
+                    f"tests ({n:,} scheduled tests)."
+                )
                 per_job = 5
             starts[(side, n)] = start
         first = {side: sample(proc.pid) for side, proc in idle.items() if proc.poll() is None}
@@ -165,8 +185,9 @@ def _size(settings: Settings, n: int, workdir: Path, idle_url: str,
             proc.wait()
 
 
-def _start(side: str, n: int, workdir: Path, idle_url: str,
-           per_job: int) -> tuple[float, subprocess.Popen]:
+def _start(
+    side: str, n: int, workdir: Path, idle_url: str, per_job: int
+) -> tuple[float, subprocess.Popen]:
     """Launch the probe run and the idle run; the probe run's start-up (nan if it failed)."""
     with Server(workdir, f"startup-{side}-{n}", announce=str(PROBE_BASE)[:3]) as server:
         launched, mono = time.time(), time.monotonic()
@@ -183,42 +204,90 @@ def _start(side: str, n: int, workdir: Path, idle_url: str,
     return start, idle
 
 
-def _report(section: Section, settings: Settings, starts: dict[tuple[str, int], float],
-            before: dict[tuple[str, int], ProcSample], after: dict[tuple[str, int], ProcSample],
-            calls: int) -> None:
+def _report(
+    section: Section,
+    settings: Settings,
+    starts: dict[tuple[str, int], float],
+    before: dict[tuple[str, int], ProcSample],
+    after: dict[tuple[str, int], ProcSample],
+    calls: int,
+) -> None:
     rows: list[list[Any]] = []
     for n in settings.scale_sizes:
         for side in ("bare", "te"):
             data = _figures(starts[(side, n)], before.get((side, n)), after.get((side, n)))
             section.data[f"{side}-{n}"] = data
-            rows.append([n, "te-scheduler" if side == "te" else "bare script",
-                         data["startup_s"], data["rss_mb"], data["peak_mb"],
-                         f"{data['idle_cpu_pct']:.2f}", data["threads"]])
+            rows.append(
+                [
+                    n,
+                    "te-scheduler" if side == "te" else "bare script",
+                    data["startup_s"],
+                    data["rss_mb"],
+                    data["peak_mb"],
+                    f"{data['idle_cpu_pct']:.2f}",
+                    data["threads"],
+                ]
+            )
         te, bare = section.data[f"te-{n}"], section.data[f"bare-{n}"]
-        section.ratio(f"te-scheduler / bare start-up with {n:,} jobs",
-                      ratio(te["startup_s"], bare["startup_s"]))
-        section.ratio(f"te-scheduler / bare RSS with {n:,} jobs",
-                      ratio(te["rss_mb"], bare["rss_mb"]), f"<= {TARGET_RSS} at 10,000")
-    section.table(["jobs", "side", "start-up s", "RSS MB", "peak RSS MB",
-                   f"idle CPU % of a core ({settings.idle_seconds:g} s)", "threads"], rows)
+        section.ratio(
+            f"te-scheduler / bare start-up with {n:,} jobs",
+            ratio(te["startup_s"], bare["startup_s"]),
+        )
+        section.ratio(
+            f"te-scheduler / bare RSS with {n:,} jobs",
+            ratio(te["rss_mb"], bare["rss_mb"]),
+            f"<= {TARGET_RSS} at 10,000",
+        )
+    section.table(
+        [
+            "jobs",
+            "side",
+            "start-up s",
+            "RSS MB",
+            "peak RSS MB",
+            f"idle CPU % of a core ({settings.idle_seconds:g} s)",
+            "threads",
+        ],
+        rows,
+    )
     at = 10_000 if 10_000 in settings.scale_sizes else max(settings.scale_sizes)
     te, bare = section.data[f"te-{at}"], section.data[f"bare-{at}"]
     rss = ratio(te["rss_mb"], bare["rss_mb"])
-    section.target(f"4. start-up, {at:,} jobs", f"< {TARGET_STARTUP:g} s",
-                   f"{fmt(te['startup_s'], 2)} s", te["startup_s"] < TARGET_STARTUP)
-    section.target(f"4. RSS ratio, {at:,} jobs", f"<= {TARGET_RSS}x",
-                   f"{fmt(rss, 2)}x ({fmt(te['rss_mb'])} vs {fmt(bare['rss_mb'])} MB)",
-                   rss <= TARGET_RSS)
-    section.target(f"4. idle CPU, {at:,} jobs", f"< {TARGET_IDLE:g}% of a core",
-                   f"{fmt(te['idle_cpu_pct'], 2)}%", te["idle_cpu_pct"] < TARGET_IDLE)
+    section.target(
+        f"4. start-up, {at:,} jobs",
+        f"< {TARGET_STARTUP:g} s",
+        f"{fmt(te['startup_s'], 2)} s",
+        te["startup_s"] < TARGET_STARTUP,
+    )
+    section.target(
+        f"4. RSS ratio, {at:,} jobs",
+        f"<= {TARGET_RSS}x",
+        f"{fmt(rss, 2)}x ({fmt(te['rss_mb'])} vs {fmt(bare['rss_mb'])} MB)",
+        rss <= TARGET_RSS,
+    )
+    section.target(
+        f"4. idle CPU, {at:,} jobs",
+        f"< {TARGET_IDLE:g}% of a core",
+        f"{fmt(te['idle_cpu_pct'], 2)}%",
+        te["idle_cpu_pct"] < TARGET_IDLE,
+    )
     section.notes.append(f"Calls received while idling: {calls} (expected 0).")
 
 
 def _figures(startup: float, b: ProcSample | None, a: ProcSample | None) -> dict[str, Any]:
     """One side's figures; nan where its idle run did not survive."""
     if a is None or b is None:
-        return {"startup_s": startup, "rss_mb": math.nan, "peak_mb": math.nan,
-                "idle_cpu_pct": math.nan, "threads": None}
-    return {"startup_s": startup, "rss_mb": a.rss_mb, "peak_mb": a.hwm_mb,
-            "idle_cpu_pct": (a.cpu - b.cpu) / max(1e-9, a.at - b.at) * 100,
-            "threads": a.threads}
+        return {
+            "startup_s": startup,
+            "rss_mb": math.nan,
+            "peak_mb": math.nan,
+            "idle_cpu_pct": math.nan,
+            "threads": None,
+        }
+    return {
+        "startup_s": startup,
+        "rss_mb": a.rss_mb,
+        "peak_mb": a.hwm_mb,
+        "idle_cpu_pct": (a.cpu - b.cpu) / max(1e-9, a.at - b.at) * 100,
+        "threads": a.threads,
+    }

@@ -2,7 +2,7 @@
 
 * ``fast``: a minimal asyncio HTTP/1.1 server answering every request 200 with both rate-limit
   header sets (limits of 10**9), so neither side is ever limited and the server costs little;
-* ``sim``: te-scheduler's own :class:`~scheduler.simulator.Simulator` (threads, real buckets,
+* ``sim``: te-scheduler's own :class:`~scheduler.api.simulator.Simulator` (threads, real buckets,
   429s, failure rate), with every answer's status recorded.
 
 Run as ``python -m bench.server --mode fast|sim --records FILE``; it prints ``PORT <n>`` once
@@ -120,7 +120,7 @@ def _serve_fast(records: list[Record], stop: threading.Event, announce: str | No
 
 
 def _serve_sim(args: argparse.Namespace, records: list[Record], stop: threading.Event) -> None:
-    from scheduler.simulator import ReceivedRequest, Simulator, _Answer
+    from scheduler.api.simulator import ReceivedRequest, Simulator, _Answer
 
     class RecordingSimulator(Simulator):
         """The product's simulator, noting each answer's status (and forgetting the request)."""
@@ -134,8 +134,11 @@ def _serve_sim(args: argparse.Namespace, records: list[Record], stop: threading.
             return answer
 
     sim = RecordingSimulator(
-        org_limit=args.org_limit, instant_limit=args.instant_limit, window=args.window,
-        fail_rate=args.fail_rate, seed=args.seed,
+        org_limit=args.org_limit,
+        instant_limit=args.instant_limit,
+        window=args.window,
+        fail_rate=args.fail_rate,
+        seed=args.seed,
     ).start()
     print(f"PORT {sim.port}", flush=True)
     stop.wait()
@@ -152,9 +155,12 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=60.0)
     parser.add_argument("--fail-rate", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--announce", default=None,
-                        help="Print 'HIT <time> <test>' at the first call of a test id "
-                             "starting with this (fast mode).")
+    parser.add_argument(
+        "--announce",
+        default=None,
+        help="Print 'HIT <time> <test>' at the first call of a test id "
+        "starting with this (fast mode).",
+    )
     args = parser.parse_args()
     records: list[Record] = []
     stop = threading.Event()
@@ -172,8 +178,15 @@ class Server:
 
     def __init__(self, workdir: Path, name: str, mode: str = "fast", **limits: Any) -> None:
         self.records_path = workdir / f"{name}.server.json"
-        args = [sys.executable, "-m", "bench.server", "--mode", mode,
-                "--records", str(self.records_path)]
+        args = [
+            sys.executable,
+            "-m",
+            "bench.server",
+            "--mode",
+            mode,
+            "--records",
+            str(self.records_path),
+        ]
         for key, value in limits.items():
             args += [f"--{key.replace('_', '-')}", str(value)]
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=env())

@@ -40,13 +40,21 @@ class Settings:
     @classmethod
     def quick_run(cls, workdir: Path) -> Settings:
         return cls(
-            workdir=workdir, quick=True, margin=0.5,
+            workdir=workdir,
+            quick=True,
+            margin=0.5,
             lag_cases=[(1, 1, 3600.0), (20, 1, 3600.0)],
-            cost_rate=(20, 1), cost_burst=60, cost_concurrency=[8],
-            makespan_window=1.0, makespan_sizes=[24, 48],
-            scale_sizes=[100], idle_seconds=1.0,
-            history_rows=[20_000], history_cap=20.0,
-            profile_attempts=40, soak_minutes=0.5,
+            cost_rate=(20, 1),
+            cost_burst=60,
+            cost_concurrency=[8],
+            makespan_window=1.0,
+            makespan_sizes=[24, 48],
+            scale_sizes=[100],
+            idle_seconds=1.0,
+            history_rows=[20_000],
+            history_cap=20.0,
+            profile_attempts=40,
+            soak_minutes=0.5,
         )
 
     def case_dir(self, name: str) -> Path:
@@ -71,8 +79,13 @@ def run_side(
     """Start a fresh server, run one worker against it, stop the server."""
     workdir = settings.case_dir(name)
     with Server(workdir, name, mode, **limits) as server:
-        spec = {"name": name, "base_url": server.url, "workers": settings.workers,
-                "margin": settings.margin, **spec}
+        spec = {
+            "name": name,
+            "base_url": server.url,
+            "workers": settings.workers,
+            "margin": settings.margin,
+            **spec,
+        }
         cpu0 = server.cpu_now()
         started = time.monotonic()
         result = run_worker(spec, workdir, name, timeout=spec.get("wait", 120.0) + 120.0)
@@ -82,18 +95,24 @@ def run_side(
 
 
 def run_sides(
-    settings: Settings, cases: dict[Any, tuple[str, dict[str, Any]]], mode: str = "fast",
+    settings: Settings,
+    cases: dict[Any, tuple[str, dict[str, Any]]],
+    mode: str = "fast",
     **limits: Any,
 ) -> dict[Any, SideRun]:
     """Run each case's worker against its own server: one after the other in a full run (the
     timings must not disturb each other), all at once in a quick run (only the report counts).
     ``cases`` maps a key to (name, spec)."""
     if not settings.quick:
-        return {key: run_side(settings, name, spec, mode, **limits)
-                for key, (name, spec) in cases.items()}
+        return {
+            key: run_side(settings, name, spec, mode, **limits)
+            for key, (name, spec) in cases.items()
+        }
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max(1, len(cases))) as pool:
-        futures = {key: pool.submit(run_side, settings, name, spec, mode, **limits)
-                   for key, (name, spec) in cases.items()}
+        futures = {
+            key: pool.submit(run_side, settings, name, spec, mode, **limits)
+            for key, (name, spec) in cases.items()
+        }
         return {key: future.result() for key, future in futures.items()}

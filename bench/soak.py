@@ -35,15 +35,25 @@ TARGET_RSS_MB = 10.0
 
 def config_text(base_url: str, db_url: str, extra: bool) -> str:
     lines = [
-        "version: 1", "api:", f"  base_url: {base_url}", "  token_env: BENCH_TOKEN",
-        "  timeout: 5s", "  concurrency: 8", "  rate_limit: 300/10s",
-        "history:", f"  url: {db_url}", "  retention: 90d",
-        "defaults:", "  retry: {attempts: 3, backoff: 200ms, max_backoff: 1s}", "jobs:",
+        "version: 1",
+        "api:",
+        f"  base_url: {base_url}",
+        "  token_env: BENCH_TOKEN",
+        "  timeout: 5s",
+        "  concurrency: 8",
+        "  rate_limit: 300/10s",
+        "history:",
+        f"  url: {db_url}",
+        "  retention: 90d",
+        "defaults:",
+        "  retry: {attempts: 3, backoff: 200ms, max_backoff: 1s}",
+        "jobs:",
     ]
     for j in range(JOBS):
         tests = ", ".join(str(100 + j * 10 + t) for t in range(TESTS))
-        lines.append(f"  - {{name: soak-{j}, tests: [{tests}], schedule: {{every: 1s}}, "
-                     "spread: 1s}")
+        lines.append(
+            f"  - {{name: soak-{j}, tests: [{tests}], schedule: {{every: 1s}}, spread: 1s}}"
+        )
     if extra:  # toggled by each reload, so the reload has something to apply
         lines.append("  - {name: soak-extra, tests: [900], schedule: {every: 5s}}")
     return "\n".join(lines) + "\n"
@@ -61,8 +71,11 @@ def _noise(port: int) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
         for _ in range(NOISE):
-            conn.request("POST", "/v7/tests/1/run", headers={
-                "Authorization": "Bearer other", "User-Agent": "other-client/1"})
+            conn.request(
+                "POST",
+                "/v7/tests/1/run",
+                headers={"Authorization": "Bearer other", "User-Agent": "other-client/1"},
+            )
             conn.getresponse().read()
     finally:
         conn.close()
@@ -75,12 +88,24 @@ def run(settings: Settings) -> Section:
     config = workdir / "jobs.yaml"
     samples: list[ProcSample] = []
     reloads = 0
-    with Server(workdir, "soak", "sim", org_limit=LIMIT * 10, instant_limit=LIMIT,
-                window=WINDOW, fail_rate=0.05) as server:
+    with Server(
+        workdir,
+        "soak",
+        "sim",
+        org_limit=LIMIT * 10,
+        instant_limit=LIMIT,
+        window=WINDOW,
+        fail_rate=0.05,
+    ) as server:
         _write(config, config_text(server.url, f"sqlite:///{db_file}", False))
         log = (workdir / "daemon.log").open("w")
-        daemon = subprocess.Popen([sys.executable, "-m", "scheduler", "-c", str(config), "run"],
-                                  stdout=log, stderr=subprocess.STDOUT, env=env(), cwd=workdir)
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "scheduler", "-c", str(config), "run"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env(),
+            cwd=workdir,
+        )
         started = time.monotonic()
         end = started + minutes * 60
         # A short soak (--soak-minutes, --quick) still reloads and meets 429s a few times.
@@ -96,8 +121,9 @@ def run(settings: Settings) -> Section:
                     next_sample += SAMPLE_EVERY
                 if now >= next_reload:
                     reloads += 1
-                    _write(config, config_text(server.url, f"sqlite:///{db_file}",
-                                               reloads % 2 == 1))
+                    _write(
+                        config, config_text(server.url, f"sqlite:///{db_file}", reloads % 2 == 1)
+                    )
                     daemon.send_signal(signal.SIGHUP)
                     next_reload += reload_every
                 if now >= next_noise:
@@ -111,14 +137,21 @@ def run(settings: Settings) -> Section:
                 daemon.send_signal(signal.SIGTERM)
             code = daemon.wait(timeout=90)
             log.close()
-    section = Section("soak", "6. Soak", "python -m bench --soak",
-                      intro=prose(__doc__))
+    section = Section("soak", "6. Soak", "python -m bench --soak", intro=prose(__doc__))
     _report(section, settings, started, samples, server.records, db_file, code, reloads)
     return section
 
 
-def _report(section: Section, settings: Settings, started: float, samples: list[ProcSample],
-            records: list[Record], db_file: Path, code: int, reloads: int) -> None:
+def _report(
+    section: Section,
+    settings: Settings,
+    started: float,
+    samples: list[ProcSample],
+    records: list[Record],
+    db_file: Path,
+    code: int,
+    reloads: int,
+) -> None:
     minutes = settings.soak_minutes
     warm = started + min(180.0, minutes * 60 * 0.2)
     after = [s for s in samples if s.at >= warm] or samples[-1:]
@@ -137,34 +170,52 @@ def _report(section: Section, settings: Settings, started: float, samples: list[
     }
     step = max(1, round(60 / SAMPLE_EVERY))
     shown = samples[::step] + ([samples[-1]] if (len(samples) - 1) % step else [])
-    section.table(["minute", "RSS MB", "open fds", "threads"],
-                  [[(s.at - started) / 60, s.rss_mb, s.fds, s.threads] for s in shown],
-                  f"{minutes:g} minutes, {reloads} reloads; warm-up ends at minute "
-                  f"{(warm - started) / 60:.1f}")
+    section.table(
+        ["minute", "RSS MB", "open fds", "threads"],
+        [[(s.at - started) / 60, s.rss_mb, s.fds, s.threads] for s in shown],
+        f"{minutes:g} minutes, {reloads} reloads; warm-up ends at minute "
+        f"{(warm - started) / 60:.1f}",
+    )
     books = _accounts(records, db_file)
-    section.table(["status", "answered by the simulator", "history rows with that status"],
-                  [[code_, books["server"].get(code_, 0), books["rows"].get(code_, 0)]
-                   for code_ in sorted(set(books["server"]) | set(books["rows"]))],
-                  "every call te-scheduler made, as the simulator saw it and as history has it")
-    section.table(["outcome", "rows"], sorted(books["outcomes"].items()),
-                  "history rows by outcome")
-    section.data = {"growth": growth, "books": {k: dict(v) if isinstance(v, Counter) else v
-                                                 for k, v in books.items()},
-                    "exit_code": code, "reloads": reloads,
-                    "samples": [[s.at - started, s.rss_mb, s.fds, s.threads]
-                                for s in samples]}
+    section.table(
+        ["status", "answered by the simulator", "history rows with that status"],
+        [
+            [code_, books["server"].get(code_, 0), books["rows"].get(code_, 0)]
+            for code_ in sorted(set(books["server"]) | set(books["rows"]))
+        ],
+        "every call te-scheduler made, as the simulator saw it and as history has it",
+    )
+    section.table(["outcome", "rows"], sorted(books["outcomes"].items()), "history rows by outcome")
+    section.data = {
+        "growth": growth,
+        "books": {k: dict(v) if isinstance(v, Counter) else v for k, v in books.items()},
+        "exit_code": code,
+        "reloads": reloads,
+        "samples": [[s.at - started, s.rss_mb, s.fds, s.threads] for s in samples],
+    }
     section.ratio("RSS growth after warm-up / 10 MB", growth["rss_mb"] / TARGET_RSS_MB, "<= 1")
-    section.target("6. RSS growth after warm-up", f"< {TARGET_RSS_MB:g} MB",
-                   f"{fmt(growth['rss_mb'])} MB (max {fmt(growth['rss_max_mb'])})",
-                   growth["rss_mb"] < TARGET_RSS_MB)
-    section.target("6. descriptor growth", "0",
-                   f"{growth['fds']} (highest {growth['fds_max']})", growth["fds"] <= 0)
-    section.target("6. thread growth", "0",
-                   f"{growth['threads']} (highest {growth['threads_max']})",
-                   growth["threads"] <= 0)
+    section.target(
+        "6. RSS growth after warm-up",
+        f"< {TARGET_RSS_MB:g} MB",
+        f"{fmt(growth['rss_mb'])} MB (max {fmt(growth['rss_max_mb'])})",
+        growth["rss_mb"] < TARGET_RSS_MB,
+    )
+    section.target(
+        "6. descriptor growth",
+        "0",
+        f"{growth['fds']} (highest {growth['fds_max']})",
+        growth["fds"] <= 0,
+    )
+    section.target(
+        "6. thread growth",
+        "0",
+        f"{growth['threads']} (highest {growth['threads_max']})",
+        growth["threads"] <= 0,
+    )
     matched = books["server"] == books["rows"] and books["pending"] == 0
-    section.target("6. every call in history", "all", _accounting_text(books),
-                   matched and not books["gaps"])
+    section.target(
+        "6. every call in history", "all", _accounting_text(books), matched and not books["gaps"]
+    )
     section.notes.append(
         f"The daemon exited {code} on SIGTERM. Growth of descriptors and threads: the highest "
         "count in the last fifth of the samples after warm-up minus the highest in the first "
@@ -177,18 +228,28 @@ def _accounts(records: list[Record], db_file: Path) -> dict[str, Any]:
     server = Counter(str(r[2]) for r in records if r[3])
     con = sqlite3.connect(db_file)
     try:
-        rows = Counter(str(code) for (code,) in con.execute(
-            "SELECT status_code FROM attempts WHERE status_code IS NOT NULL"))
-        outcomes = Counter(dict(con.execute(
-            "SELECT outcome, count(*) FROM attempts GROUP BY outcome").fetchall()))
+        rows = Counter(
+            str(code)
+            for (code,) in con.execute(
+                "SELECT status_code FROM attempts WHERE status_code IS NOT NULL"
+            )
+        )
+        outcomes = Counter(
+            dict(con.execute("SELECT outcome, count(*) FROM attempts GROUP BY outcome").fetchall())
+        )
         slots = con.execute(
             "SELECT job, test_id, scheduled_for FROM attempts WHERE job != 'soak-extra' "
             "GROUP BY job, test_id, scheduled_for ORDER BY job, test_id, scheduled_for"
         ).fetchall()
     finally:
         con.close()
-    return {"server": server, "rows": rows, "outcomes": outcomes,
-            "pending": outcomes.get("pending", 0), "gaps": _gaps(slots)}
+    return {
+        "server": server,
+        "rows": rows,
+        "outcomes": outcomes,
+        "pending": outcomes.get("pending", 0),
+        "gaps": _gaps(slots),
+    }
 
 
 def _gaps(slots: list[tuple[str, str, str]]) -> int:
@@ -204,5 +265,7 @@ def _gaps(slots: list[tuple[str, str, str]]) -> int:
 
 def _accounting_text(books: dict[str, Any]) -> str:
     sent, recorded = sum(books["server"].values()), sum(books["rows"].values())
-    return (f"{sent:,} calls answered, {recorded:,} rows with a status, "
-            f"{books['pending']} pending, {books['gaps']} slot(s) without a row")
+    return (
+        f"{sent:,} calls answered, {recorded:,} rows with a status, "
+        f"{books['pending']} pending, {books['gaps']} slot(s) without a row"
+    )

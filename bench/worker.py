@@ -128,10 +128,10 @@ def _jobs_yaml(spec: dict[str, Any], t0: float, db_url: str) -> str:
 
 
 def run_te(spec: dict[str, Any], tally: _Tally, workdir: Path) -> dict[str, Any]:
-    from scheduler import db
     from scheduler.config import load
     from scheduler.daemon import Daemon
     from scheduler.logs import setup_logging
+    from scheduler.store import db
 
     setup_logging("info", "text")  # as `te-scheduler run`: one line per attempt (to a file)
     db_url = f"sqlite:///{workdir / (spec['name'] + '.db')}"

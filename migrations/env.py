@@ -1,10 +1,10 @@
-"""Alembic environment: migrates the connection that scheduler.db passes in config.attributes."""
+"""Alembic environment: migrates the connection that scheduler.store.db passes in config.attributes."""
 
 from __future__ import annotations
 
 from alembic import context
 
-from scheduler.history import metadata
+from scheduler.store.history import metadata
 
 # No fileConfig here on purpose: te-scheduler configures logging itself.
 
@@ -14,7 +14,7 @@ def run_migrations() -> None:
     connection = context.config.attributes.get("connection")
     if context.is_offline_mode() or connection is None:
         raise RuntimeError(
-            "te-scheduler migrations run through `te-scheduler db upgrade` (scheduler.db), "
+            "te-scheduler migrations run through `te-scheduler db upgrade` (scheduler.store.db), "
             "which passes a live connection; offline SQL generation is not supported"
         )
     context.configure(

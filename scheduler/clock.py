@@ -12,6 +12,14 @@ import time
 from datetime import datetime, timedelta, timezone, tzinfo
 from typing import Protocol
 
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+ONE_US = timedelta(microseconds=1)  # the smallest step: "just after" a slot
+
+
+def micros(delta: timedelta) -> int:
+    """``delta`` in whole microseconds, exactly (no float rounding)."""
+    return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
+
 
 class Clock(Protocol):
     def now(self) -> datetime: ...

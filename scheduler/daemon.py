@@ -27,19 +27,21 @@ from apscheduler.schedulers.base import BaseScheduler
 from apscheduler.triggers.base import BaseTrigger
 from sqlalchemy.engine import Engine
 
-from scheduler import __version__, clock, db, history, instances, recovery
-from scheduler.catchup import plan_catch_up
-from scheduler.client import Caller, CallResult
-from scheduler.config import ApiConfig, Config, Job, Schedule, load, load_token
+from scheduler import __version__, clock
+from scheduler.api.client import Caller, CallResult
+from scheduler.api.limiter import Limiter
+from scheduler.config.loader import load, load_token
+from scheduler.config.model import ApiConfig, Config, Job, Schedule
 from scheduler.errors import ConfigError, SchedulerError
 from scheduler.executor import DaemonThreadPool, build_scheduler
-from scheduler.limiter import Limiter
 from scheduler.logs import add_secret
 from scheduler.metrics import Metrics, MetricsServer, build_health
 from scheduler.notify import Notifier, sd_notify
 from scheduler.observe import Observers
 from scheduler.runner import Firing, Runner, instance_name
-from scheduler.triggers import SpreadTrigger, build_trigger, spread_offsets
+from scheduler.store import db, history, instances, recovery
+from scheduler.timing.catchup import plan_catch_up
+from scheduler.timing.triggers import SpreadTrigger, build_trigger, spread_offsets
 
 log = logging.getLogger(__name__)
 
@@ -102,13 +104,19 @@ class Daemon:
         self.metrics = Metrics()
         self.observers = Observers(self.metrics, Notifier(instance=self.instance), self.limiter)
         self.runner = Runner(
-            engine, self._call, self.limiter, self.stop,
-            concurrency=config.api.concurrency, instance=self.instance, hooks=self.observers,
+            engine,
+            self._call,
+            self.limiter,
+            self.stop,
+            concurrency=config.api.concurrency,
+            instance=self.instance,
+            hooks=self.observers,
         )
         self.metrics.track_in_progress(self.runner.running)
         self.scheduler = scheduler or build_scheduler(max(32, 4 * config.api.concurrency))
-        self.heartbeat = instances.Heartbeat(engine, self.instance, __version__,
-                                             instances.heartbeat_interval())
+        self.heartbeat = instances.Heartbeat(
+            engine, self.instance, __version__, instances.heartbeat_interval()
+        )
         self._metrics_server: MetricsServer | None = None
         self._entries: dict[str, Entry] = {}
         self._wake = threading.Event()
@@ -140,13 +148,22 @@ class Daemon:
 
     def start(self) -> None:
         """Clean up after a dead predecessor, catch up, and start firing."""
-        log.info('te-scheduler %s starting: config "%s", database %s, instance %s',
-                 __version__, self.config.path, db.describe_url(str(self.engine.url)),
-                 self.instance)
+        log.info(
+            'te-scheduler %s starting: config "%s", database %s, instance %s',
+            __version__,
+            self.config.path,
+            db.describe_url(str(self.engine.url)),
+            self.instance,
+        )
         now = clock.now()
-        recovery.interrupt_orphans(self.engine, me=self.instance, now=now, starting=True,
-                                   timeout=self.config.api.timeout,
-                                   stale_after=instances.stale_after())
+        recovery.interrupt_orphans(
+            self.engine,
+            me=self.instance,
+            now=now,
+            starting=True,
+            timeout=self.config.api.timeout,
+            stale_after=instances.stale_after(),
+        )
         instances.register(self.engine, self.instance, __version__, now)
         self.heartbeat.start()
         accounted = recovery.last_accounted_by_job(self.engine)
@@ -167,8 +184,11 @@ class Daemon:
     def shutdown(self) -> None:
         """Stop new firings, give calls in flight up to 30 s, mark the rest interrupted."""
         sd_notify("STOPPING=1")
-        log.info("Shutting down: no new firings; waiting up to %.0fs for %d firing(s)",
-                 DRAIN_SECONDS, self.runner.running())
+        log.info(
+            "Shutting down: no new firings; waiting up to %.0fs for %d firing(s)",
+            DRAIN_SECONDS,
+            self.runner.running(),
+        )
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
         # Catch-ups still queued are recorded missed (see _catch_up_done).
@@ -179,8 +199,10 @@ class Daemon:
         while not self._force and waited < DRAIN_SECONDS and not self.runner.wait_idle(0.5):
             waited += 0.5
         marked = history.interrupt_pending(
-            self.engine, where_instance=lambda owner: owner == self.instance,
-            finished_at=clock.now(), error="te-scheduler stopped before the call finished",
+            self.engine,
+            where_instance=lambda owner: owner == self.instance,
+            finished_at=clock.now(),
+            error="te-scheduler stopped before the call finished",
         )
         if marked:
             log.warning("Marked %d unfinished attempt(s) as interrupted", marked)
@@ -204,9 +226,15 @@ class Daemon:
         if now >= self._next_sweep:
             # Look for peers that died mid-call once per heartbeat.
             self._next_sweep = now + timedelta(seconds=instances.heartbeat_interval())
-            self._quietly(recovery.interrupt_orphans, self.engine, me=self.instance, now=now,
-                          starting=False, timeout=self.config.api.timeout,
-                          stale_after=instances.stale_after())
+            self._quietly(
+                recovery.interrupt_orphans,
+                self.engine,
+                me=self.instance,
+                now=now,
+                starting=False,
+                timeout=self.config.api.timeout,
+                stale_after=instances.stale_after(),
+            )
         if self.config.history.retention and now >= self._next_prune:
             self._prune(now)
 
@@ -232,8 +260,13 @@ class Daemon:
         self.limiter.budget = config.api.rate_limit
         changed = self._apply(entries_of(config))
         self.metrics.config_reload(True)
-        log.info("Reloaded %s (%s): %d job(s), %d schedule change(s)",
-                 config.path, why, len(config.enabled_jobs), changed)
+        log.info(
+            "Reloaded %s (%s): %d job(s), %d schedule change(s)",
+            config.path,
+            why,
+            len(config.enabled_jobs),
+            changed,
+        )
         return True
 
     def _apply(self, wanted: dict[str, Entry], since: datetime | None = None) -> int:
@@ -263,8 +296,15 @@ class Daemon:
             trigger, first = triggers.of(entry)
             # The entry rides with its trigger: a firing of the old trigger of a job this
             # reload re-times still computes its slot with the old spread offset.
-            self.scheduler.add_job(self._on_due, trigger=trigger, args=(job_id, entry), id=job_id,
-                                   name=job_id, replace_existing=True, **first)
+            self.scheduler.add_job(
+                self._on_due,
+                trigger=trigger,
+                args=(job_id, entry),
+                id=job_id,
+                name=job_id,
+                replace_existing=True,
+                **first,
+            )
             changes += 1
         return changes
 
@@ -273,7 +313,10 @@ class Daemon:
         return self._caller.send(test_id, aid)
 
     def _on_due(
-        self, job_id: str, entry: Entry | None = None, run_times: list[datetime] | None = None,
+        self,
+        job_id: str,
+        entry: Entry | None = None,
+        run_times: list[datetime] | None = None,
         submitted: datetime | None = None,
     ) -> None:
         # run_times and submitted come from FiringExecutor; they default to None only because
@@ -284,8 +327,15 @@ class Daemon:
         slots = [run_time.astimezone(timezone.utc) - entry.offset for run_time in run_times]
         current = self._entries.get(job_id)
         if current is None:  # removed or disabled by a reload while this waited for a thread
-            self._quietly(self._record_missed, entry.job, entry.test_id, slots[0], slots[-1],
-                          len(slots), "its job was removed or disabled before the firing began")
+            self._quietly(
+                self._record_missed,
+                entry.job,
+                entry.test_id,
+                slots[0],
+                slots[-1],
+                len(slots),
+                "its job was removed or disabled before the firing began",
+            )
             return
         if current.timing == entry.timing:
             entry = current  # the latest settings (aid, retry ...) for the same slots
@@ -294,11 +344,25 @@ class Daemon:
         grace = max(entry.job.catch_up, timedelta(minutes=1))
         given_up = slots[:-1] if late <= grace else slots
         if given_up:
-            self._record_missed(entry.job, entry.test_id, given_up[0], given_up[-1],
-                                len(given_up), self._why_late(given_up[-1]))
+            self._record_missed(
+                entry.job,
+                entry.test_id,
+                given_up[0],
+                given_up[-1],
+                len(given_up),
+                self._why_late(given_up[-1]),
+            )
         if late <= grace:
-            self.runner.fire(Firing(entry.job, entry.test_id, latest, "schedule",
-                                    self._deadline(entry.job, latest), entry.offset))
+            self.runner.fire(
+                Firing(
+                    entry.job,
+                    entry.test_id,
+                    latest,
+                    "schedule",
+                    self._deadline(entry.job, latest),
+                    entry.offset,
+                )
+            )
 
     # APScheduler's add_job inspects the function's signature for every job it adds, a third
     # of adding 10,000 jobs; inspect.signature returns a __signature__ it finds instead.
@@ -320,32 +384,65 @@ class Daemon:
             for test in job.tests:
                 if verdict.missed_count:
                     assert verdict.missed_first and verdict.missed_last
-                    self._record_missed(job, test, verdict.missed_first, verdict.missed_last,
-                                        verdict.missed_count, "te-scheduler was not running",
-                                        verdict.counted_all)
+                    self._record_missed(
+                        job,
+                        test,
+                        verdict.missed_first,
+                        verdict.missed_last,
+                        verdict.missed_count,
+                        "te-scheduler was not running",
+                        verdict.counted_all,
+                    )
                 if verdict.run:
-                    log.info('Catching up job "%s" test %s for the slot at %s', job.name, test,
-                             verdict.run.isoformat())
-                    firing = Firing(job, test, verdict.run, "catch-up",
-                                    self._deadline(job, verdict.run))
+                    log.info(
+                        'Catching up job "%s" test %s for the slot at %s',
+                        job.name,
+                        test,
+                        verdict.run.isoformat(),
+                    )
+                    firing = Firing(
+                        job, test, verdict.run, "catch-up", self._deadline(job, verdict.run)
+                    )
                     future = self._catch_ups.submit(self.runner.fire, firing)
-                    future.add_done_callback(functools.partial(self._catch_up_done,
-                                                               firing=firing))
+                    future.add_done_callback(functools.partial(self._catch_up_done, firing=firing))
 
     def _catch_up_done(self, future: Future[Any], firing: Firing) -> None:
         if future.cancelled():
             # Still queued at shutdown: say so, or the next start (whose history already has
             # later slots of this job) would never account for it.
-            self._quietly(self._record_missed, firing.job, firing.test_id, firing.scheduled_for,
-                          firing.scheduled_for, 1, "te-scheduler stopped before its catch-up ran")
+            self._quietly(
+                self._record_missed,
+                firing.job,
+                firing.test_id,
+                firing.scheduled_for,
+                firing.scheduled_for,
+                1,
+                "te-scheduler stopped before its catch-up ran",
+            )
         else:
             _log_failure(future)
 
-    def _record_missed(self, job: Job, test_id: str, first: datetime, last: datetime,
-                       count: int, why: str, counted_all: bool = True) -> None:
+    def _record_missed(
+        self,
+        job: Job,
+        test_id: str,
+        first: datetime,
+        last: datetime,
+        count: int,
+        why: str,
+        counted_all: bool = True,
+    ) -> None:
         error = recovery.record_missed(
-            self.engine, job=job, test_id=test_id, instance=self.instance, now=clock.now(),
-            first=first, last=last, count=count, why=why, counted_all=counted_all,
+            self.engine,
+            job=job,
+            test_id=test_id,
+            instance=self.instance,
+            now=clock.now(),
+            first=first,
+            last=last,
+            count=count,
+            why=why,
+            counted_all=counted_all,
         )
         self.observers.missed(job, test_id, first, error)
 
@@ -362,14 +459,23 @@ class Daemon:
             # drops them); `te-scheduler plan` lists the firings when someone needs them.
             each = logging.DEBUG
             soonest = min(((when, job) for job, when in fires.items() if when), default=None)
-            log.info('Scheduled %d jobs (%d tests); the soonest firing is job "%s" at %s; '
-                     "`te-scheduler plan` lists them all", len(fires), len(self._entries),
-                     soonest[1] if soonest else "-",
-                     soonest[0].isoformat() if soonest else "never")
+            log.info(
+                'Scheduled %d jobs (%d tests); the soonest firing is job "%s" at %s; '
+                "`te-scheduler plan` lists them all",
+                len(fires),
+                len(self._entries),
+                soonest[1] if soonest else "-",
+                soonest[0].isoformat() if soonest else "never",
+            )
         if log.isEnabledFor(each):
             for job, when in fires.items():
-                log.log(each, 'Scheduled job "%s" (%d test(s)): next firing at %s', job,
-                        tests[job], when.isoformat() if when else "never")
+                log.log(
+                    each,
+                    'Scheduled job "%s" (%d test(s)): next firing at %s',
+                    job,
+                    tests[job],
+                    when.isoformat() if when else "never",
+                )
 
     def _next_fires(self) -> dict[str, datetime | None]:
         """Each job's soonest next firing over its tests (spread included); None: no more.
@@ -379,7 +485,8 @@ class Daemon:
         """
         entries = self._entries
         soonest: dict[str, datetime | None] = dict.fromkeys(
-            entry.job.name for entry in entries.values())
+            entry.job.name for entry in entries.values()
+        )
         for aps in self.scheduler.get_jobs():
             entry = entries.get(aps.id)
             when = getattr(aps, "next_run_time", None)  # unset on a job still pending
@@ -393,10 +500,12 @@ class Daemon:
     def _serve_metrics(self) -> None:
         if not self.config.metrics.listen:
             return
-        health = build_health(lambda: self.scheduler.running and not self.stop.is_set(),
-                              self.engine)
-        self._metrics_server = MetricsServer(self.metrics, self.config.metrics.listen,
-                                             health).start()
+        health = build_health(
+            lambda: self.scheduler.running and not self.stop.is_set(), self.engine
+        )
+        self._metrics_server = MetricsServer(
+            self.metrics, self.config.metrics.listen, health
+        ).start()
 
     def _shared_limits(self) -> instances.SharedLimits | None:
         # Only several instances need it, and they need PostgreSQL; a single SQLite daemon
@@ -413,15 +522,16 @@ class Daemon:
         self._next_prune = now + timedelta(days=1)
         if self._pruner is not None and self._pruner.is_alive():
             return  # yesterday's is still going
-        self._pruner = threading.Thread(target=self._prune_now, args=(now, retention),
-                                        name="prune", daemon=True)
+        self._pruner = threading.Thread(
+            target=self._prune_now, args=(now, retention), name="prune", daemon=True
+        )
         self._pruner.start()
 
     def _prune_now(self, now: datetime, retention: timedelta) -> None:
-        deleted = self._quietly(history.prune, self.engine, before=now - retention,
-                                stop=self.stop)
-        self._quietly(instances.forget_instances, self.engine, now - max(retention,
-                                                                          timedelta(days=7)))
+        deleted = self._quietly(history.prune, self.engine, before=now - retention, stop=self.stop)
+        self._quietly(
+            instances.forget_instances, self.engine, now - max(retention, timedelta(days=7))
+        )
         if deleted:
             log.info("Pruned %d history row(s) older than %s", deleted, retention)
 

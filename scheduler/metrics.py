@@ -49,27 +49,56 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self._attempts = Counter("te_scheduler_attempts_total", "Attempts recorded, by final "
-                                 "state of the attempt.", ["job", "outcome"], registry=r)
-        self._responses = Counter("te_scheduler_http_responses_total", "HTTP responses from the "
-                                  "API, by status code.", ["code"], registry=r)
-        self._duration = Histogram("te_scheduler_request_duration_seconds", "Time of each API "
-                                   "request, answered or not.", buckets=DURATION_BUCKETS,
-                                   registry=r)
-        self._lag = Histogram("te_scheduler_firing_lag_seconds", "Call start minus scheduled_for"
-                              ", spread excluded.", buckets=LAG_BUCKETS, registry=r)
-        self._remaining = Gauge("te_scheduler_rate_limit_remaining", "Calls left in the current "
-                                "rate-limit window.", ["bucket"], registry=r)
+        self._attempts = Counter(
+            "te_scheduler_attempts_total",
+            "Attempts recorded, by final state of the attempt.",
+            ["job", "outcome"],
+            registry=r,
+        )
+        self._responses = Counter(
+            "te_scheduler_http_responses_total",
+            "HTTP responses from the API, by status code.",
+            ["code"],
+            registry=r,
+        )
+        self._duration = Histogram(
+            "te_scheduler_request_duration_seconds",
+            "Time of each API request, answered or not.",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self._lag = Histogram(
+            "te_scheduler_firing_lag_seconds",
+            "Call start minus scheduled_for, spread excluded.",
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
+        self._remaining = Gauge(
+            "te_scheduler_rate_limit_remaining",
+            "Calls left in the current rate-limit window.",
+            ["bucket"],
+            registry=r,
+        )
         self._next_fire = _NextFireCollector()
         r.register(self._next_fire)
-        self._last_success = Gauge("te_scheduler_last_success_timestamp_seconds", "Unix time of "
-                                   "the job's last successful attempt.", ["job"], registry=r)
-        self._reloads = Counter("te_scheduler_config_reloads_total", "Config reloads, by result.",
-                                ["result"], registry=r)
-        self._in_progress = Gauge("te_scheduler_firings_in_progress", "Firings running now.",
-                                  registry=r)
-        Gauge("te_scheduler_build_info", "Always 1; the version as a label.", ["version"],
-              registry=r).labels(__version__).set(1)
+        self._last_success = Gauge(
+            "te_scheduler_last_success_timestamp_seconds",
+            "Unix time of the job's last successful attempt.",
+            ["job"],
+            registry=r,
+        )
+        self._reloads = Counter(
+            "te_scheduler_config_reloads_total",
+            "Config reloads, by result.",
+            ["result"],
+            registry=r,
+        )
+        self._in_progress = Gauge(
+            "te_scheduler_firings_in_progress", "Firings running now.", registry=r
+        )
+        Gauge(
+            "te_scheduler_build_info", "Always 1; the version as a label.", ["version"], registry=r
+        ).labels(__version__).set(1)
 
     def attempt(self, job: str, outcome: str) -> None:
         """Count one history row's final outcome (also ``skipped``, ``missed``, ``interrupted``)."""
@@ -258,8 +287,9 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], metrics: Metrics, health: Health,
-                 health_timeout: float) -> None:
+    def __init__(
+        self, address: tuple[str, int], metrics: Metrics, health: Health, health_timeout: float
+    ) -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
@@ -289,8 +319,14 @@ class _Server(ThreadingHTTPServer):
 class MetricsServer:
     """Serves ``/metrics`` and ``/healthz`` on a background thread."""
 
-    def __init__(self, metrics: Metrics, listen: tuple[str, int], health: Health, *,
-                 health_timeout: float = HEALTH_TIMEOUT) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        listen: tuple[str, int],
+        health: Health,
+        *,
+        health_timeout: float = HEALTH_TIMEOUT,
+    ) -> None:
         self.metrics, self.listen, self.health = metrics, listen, health
         self.health_timeout = health_timeout
         self._server: _Server | None = None

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from scheduler import __version__
+from scheduler.config.model import NotifyConfig
 
 if TYPE_CHECKING:  # requests costs ~100 ms to import; config loading must not pay it
     import requests
@@ -37,37 +38,6 @@ NEUTRAL = frozenset({"skipped", "claimed-elsewhere"})
 ERROR_CAP = 300  # characters of ``last_error`` in a message
 QUEUE_SIZE = 1000  # sends waiting at most; beyond that new ones are dropped (and logged)
 USER_AGENT = f"te-scheduler/{__version__}"
-
-
-@dataclass(frozen=True)
-class NotifyConfig:
-    """``notify:`` of a job (or of ``defaults``); every field optional."""
-
-    webhook: str | None = None  # POSTed a Slack-compatible JSON message
-    after: int = 3  # consecutive failed firings before the ``failing`` message
-    ping_url: str | None = None  # healthchecks.io-style: /start, success, /fail
-    timeout: float = 10.0  # seconds per send
-
-    def problems(self) -> list[tuple[str, str]]:
-        """(key, message) for each invalid field, for config.py to locate in the file."""
-        found = []
-        for key in ("webhook", "ping_url"):
-            url = getattr(self, key)
-            if url is not None and not _is_http_url(url):
-                found.append((key, "must be an http:// or https:// URL"))
-        if isinstance(self.after, bool) or not isinstance(self.after, int) or self.after < 1:
-            found.append(("after", "must be a whole number of failed firings, 1 or more"))
-        if not self.timeout > 0:
-            found.append(("timeout", "must be a duration above 0 like 10s"))
-        return found
-
-
-def _is_http_url(url: str) -> bool:
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return False
-    return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 @dataclass
@@ -89,8 +59,9 @@ class _Send:
 class Notifier:
     """Tracks failure streaks per (job, test) and sends webhooks and pings in the background."""
 
-    def __init__(self, session: requests.Session | None = None, *,
-                 instance: str | None = None) -> None:
+    def __init__(
+        self, session: requests.Session | None = None, *, instance: str | None = None
+    ) -> None:
         import requests
 
         self._session = session or requests.Session()
@@ -121,8 +92,15 @@ class Notifier:
         if cfg.ping_url:
             self._enqueue(_Send("POST", _ping(cfg.ping_url, "start", rid), cfg.timeout, body=""))
 
-    def firing_finished(self, job: str, test_id: str, outcome: str, error: str | None,
-                        when: datetime, cfg: NotifyConfig) -> None:
+    def firing_finished(
+        self,
+        job: str,
+        test_id: str,
+        outcome: str,
+        error: str | None,
+        when: datetime,
+        cfg: NotifyConfig,
+    ) -> None:
         """Record a firing's final outcome; ping success or ``/fail``; message on streak edges.
 
         ``when`` is the firing's ``scheduled_for``; it becomes ``since`` of a new streak.
@@ -166,8 +144,9 @@ class Notifier:
             del self._active[key]
         return str(active[0])
 
-    def _advance(self, key: tuple[str, str], outcome: str, error: str | None,
-                 when: datetime, after: int) -> dict[str, Any] | None:
+    def _advance(
+        self, key: tuple[str, str], outcome: str, error: str | None, when: datetime, after: int
+    ) -> dict[str, Any] | None:
         """Move the streak of ``key``; the message to send when it crosses an edge."""
         streak = self._streaks.setdefault(key, _Streak())
         if outcome == "success":
@@ -183,30 +162,49 @@ class Notifier:
         return self._failing(key, streak, outcome, error)
 
     # -- messages ---------------------------------------------------------------------------
-    def _failing(self, key: tuple[str, str], streak: _Streak, outcome: str,
-                 error: str | None) -> dict[str, Any]:
+    def _failing(
+        self, key: tuple[str, str], streak: _Streak, outcome: str, error: str | None
+    ) -> dict[str, Any]:
         job, test_id = key
         assert streak.since is not None
         last_error = (error or "")[:ERROR_CAP] or None
-        text = (f':rotating_light: te-scheduler: job "{job}" test {test_id} failed '
-                f"{streak.failures} firings in a row since {_iso(streak.since)}; "
-                f"last: {outcome}" + (f": {last_error}" if last_error else ""))
-        return self._payload("failing", text, job, test_id, failures=streak.failures,
-                             last_outcome=outcome, last_error=last_error,
-                             since=_iso(streak.since))
+        text = (
+            f':rotating_light: te-scheduler: job "{job}" test {test_id} failed '
+            f"{streak.failures} firings in a row since {_iso(streak.since)}; "
+            f"last: {outcome}" + (f": {last_error}" if last_error else "")
+        )
+        return self._payload(
+            "failing",
+            text,
+            job,
+            test_id,
+            failures=streak.failures,
+            last_outcome=outcome,
+            last_error=last_error,
+            since=_iso(streak.since),
+        )
 
-    def _recovered(self, key: tuple[str, str], streak: _Streak, when: datetime
-                   ) -> dict[str, Any]:
+    def _recovered(self, key: tuple[str, str], streak: _Streak, when: datetime) -> dict[str, Any]:
         job, test_id = key
         assert streak.since is not None
-        text = (f':white_check_mark: te-scheduler: job "{job}" test {test_id} recovered at '
-                f"{_iso(when)} after {streak.failures} failed firings "
-                f"(failing since {_iso(streak.since)})")
-        return self._payload("recovered", text, job, test_id, failures=streak.failures,
-                             since=_iso(streak.since), recovered_at=_iso(when))
+        text = (
+            f':white_check_mark: te-scheduler: job "{job}" test {test_id} recovered at '
+            f"{_iso(when)} after {streak.failures} failed firings "
+            f"(failing since {_iso(streak.since)})"
+        )
+        return self._payload(
+            "recovered",
+            text,
+            job,
+            test_id,
+            failures=streak.failures,
+            since=_iso(streak.since),
+            recovered_at=_iso(when),
+        )
 
-    def _payload(self, event: str, text: str, job: str, test_id: str,
-                 **fields: Any) -> dict[str, Any]:
+    def _payload(
+        self, event: str, text: str, job: str, test_id: str, **fields: Any
+    ) -> dict[str, Any]:
         payload = {"text": text, "event": event, "job": job, "test_id": test_id, **fields}
         if self.instance:
             payload["instance"] = self.instance
@@ -234,9 +232,12 @@ class Notifier:
 
         try:
             response = self._session.request(
-                send.method, send.url, json=send.json,
+                send.method,
+                send.url,
+                json=send.json,
                 data=None if send.body is None else send.body.encode(),
-                timeout=send.timeout, allow_redirects=False,
+                timeout=send.timeout,
+                allow_redirects=False,
             )
             response.close()
         except requests.RequestException as exc:
@@ -247,8 +248,9 @@ class Notifier:
             log.warning("Notification to %s failed: %r", _host(send.url), exc)
             return
         if not 200 <= response.status_code < 300:
-            log.warning("Notification to %s answered HTTP %d", _host(send.url),
-                        response.status_code)
+            log.warning(
+                "Notification to %s answered HTTP %d", _host(send.url), response.status_code
+            )
 
 
 def _ping(base: str, suffix: str, rid: str | None) -> str:
@@ -303,4 +305,3 @@ def watchdog_seconds() -> float | None:
     if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
         return None
     return int(usec) / 2_000_000
-

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from scheduler.client import CallResult
-from scheduler.config import Job
-from scheduler.limiter import Limiter
+from scheduler.api.client import CallResult
+from scheduler.api.limiter import Limiter
+from scheduler.config.model import Job
 from scheduler.metrics import Metrics
 from scheduler.notify import Notifier
 from scheduler.runner import Firing, Hooks
@@ -42,7 +42,11 @@ class Observers(Hooks):
             self.metrics.attempt(firing.job.name, outcome)
         if outcome not in _NOT_A_VERDICT:
             self.notifier.firing_finished(
-                firing.job.name, firing.test_id, outcome, error, firing.scheduled_for,
+                firing.job.name,
+                firing.test_id,
+                outcome,
+                error,
+                firing.scheduled_for,
                 firing.job.notify,
             )
 

@@ -22,10 +22,11 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from scheduler import clock, history
-from scheduler.client import CallResult
-from scheduler.config import Job
-from scheduler.limiter import Limiter
+from scheduler import clock
+from scheduler.api.client import CallResult
+from scheduler.api.limiter import Limiter
+from scheduler.config.model import Job
+from scheduler.store import history
 
 log = logging.getLogger(__name__)
 

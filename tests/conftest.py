@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from scheduler import clock, db
-from scheduler.simulator import Simulator
+from scheduler import clock
+from scheduler.api.simulator import Simulator
+from scheduler.store import db
 
 REPO = Path(__file__).resolve().parent.parent
 TOKEN = "test-token-5f2b9c"

@@ -284,7 +284,7 @@ def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
 @pytest.fixture(params=["sqlite", "postgresql"])
 def any_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
     """An Engine on a database of each kind (a SQLite file, a PostgreSQL database), migrated."""
-    from scheduler import db
+    from scheduler.store import db
 
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'history.db'}"

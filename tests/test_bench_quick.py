@@ -42,7 +42,10 @@ def test_quick_mode_reports_every_scenario_with_tables_and_ratios(tmp_path: Path
     # Its own process group, so a timeout also ends the servers and daemons it started.
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench", "--quick", "--output", str(out)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         start_new_session=True,
     )
     try:

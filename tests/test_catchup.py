@@ -15,12 +15,13 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from scheduler import clock, config, history, recovery
-from scheduler.catchup import MAX_COUNTED, CatchUp, plan_catch_up
+from scheduler import clock, config
+from scheduler.api.simulator import Simulator
 from scheduler.config import Schedule
 from scheduler.daemon import Daemon
 from scheduler.runner import instance_name
-from scheduler.simulator import Simulator
+from scheduler.store import history, recovery
+from scheduler.timing.catchup import MAX_COUNTED, CatchUp, plan_catch_up
 from tests.conftest import TOKEN, wait_until, write_config
 from tests.postgres import any_engine, postgres_server, postgres_url  # noqa: F401
 from tests.test_daemon_clock import SteppedScheduler
@@ -43,56 +44,112 @@ CASES: list[tuple[str, Schedule, datetime | None, datetime, timedelta, CatchUp]]
     ("nothing missed yet", EVERY_15M, T, T + 10 * M, H, CatchUp(None)),
     ("a slot due right now is the scheduler's", EVERY_15M, T, T + 15 * M, H, CatchUp(None)),
     ("one missed, recent", EVERY_15M, T, T + 20 * M, H, CatchUp(T + 15 * M)),
-    ("one missed, too old", EVERY_15M, T, T + 20 * M, M,
-     CatchUp(None, T + 15 * M, T + 15 * M, 1)),
+    ("one missed, too old", EVERY_15M, T, T + 20 * M, M, CatchUp(None, T + 15 * M, T + 15 * M, 1)),
     ("the window's edge is inside", EVERY_15M, T, T + 20 * M, 5 * M, CatchUp(T + 15 * M)),
-    ("several missed, the latest runs", EVERY_15M, T, T + 50 * M, H,
-     CatchUp(T + 45 * M, T + 15 * M, T + 30 * M, 2)),
-    ("several missed, none recent", EVERY_15M, T, T + 50 * M, 4 * M,
-     CatchUp(None, T + 15 * M, T + 45 * M, 3)),
-    ("catch_up 0s runs nothing", EVERY_15M, T, T + 50 * M, timedelta(0),
-     CatchUp(None, T + 15 * M, T + 45 * M, 3)),
+    (
+        "several missed, the latest runs",
+        EVERY_15M,
+        T,
+        T + 50 * M,
+        H,
+        CatchUp(T + 45 * M, T + 15 * M, T + 30 * M, 2),
+    ),
+    (
+        "several missed, none recent",
+        EVERY_15M,
+        T,
+        T + 50 * M,
+        4 * M,
+        CatchUp(None, T + 15 * M, T + 45 * M, 3),
+    ),
+    (
+        "catch_up 0s runs nothing",
+        EVERY_15M,
+        T,
+        T + 50 * M,
+        timedelta(0),
+        CatchUp(None, T + 15 * M, T + 45 * M, 3),
+    ),
     ("the clock went back", EVERY_15M, T + H, T, H, CatchUp(None)),
-    ("every with a start anchor", Schedule(every=10 * M, start=T + 3 * M), T + 3 * M,
-     T + 35 * M, H, CatchUp(T + 33 * M, T + 13 * M, T + 23 * M, 2)),
-    ("weekdays over a weekend", Schedule(cron="0 9 * * mon-fri"), utc(2026, 11, 27, 9),
-     utc(2026, 11, 30, 10), 2 * H, CatchUp(utc(2026, 11, 30, 9))),
+    (
+        "every with a start anchor",
+        Schedule(every=10 * M, start=T + 3 * M),
+        T + 3 * M,
+        T + 35 * M,
+        H,
+        CatchUp(T + 33 * M, T + 13 * M, T + 23 * M, 2),
+    ),
+    (
+        "weekdays over a weekend",
+        Schedule(cron="0 9 * * mon-fri"),
+        utc(2026, 11, 27, 9),
+        utc(2026, 11, 30, 10),
+        2 * H,
+        CatchUp(utc(2026, 11, 30, 9)),
+    ),
     # Europe/Berlin leaves summer time on 25 Oct 2026: 02:30 happens twice but is one slot.
-    ("a fixed hour over the autumn change counts once", Schedule(BERLIN, cron="30 2 * * *"),
-     utc(2026, 10, 24, 0, 30), utc(2026, 10, 26, 12), H,
-     CatchUp(None, utc(2026, 10, 25, 0, 30), utc(2026, 10, 26, 1, 30), 2)),
+    (
+        "a fixed hour over the autumn change counts once",
+        Schedule(BERLIN, cron="30 2 * * *"),
+        utc(2026, 10, 24, 0, 30),
+        utc(2026, 10, 26, 12),
+        H,
+        CatchUp(None, utc(2026, 10, 25, 0, 30), utc(2026, 10, 26, 1, 30), 2),
+    ),
     # ... and enters it on 29 Mar 2026: 02:30 does not exist, the slot is 03:00 CEST.
-    ("a skipped hour fires after the gap", Schedule(BERLIN, cron="30 2 * * *"),
-     utc(2026, 3, 28, 1, 30), utc(2026, 3, 29, 1, 30), H, CatchUp(utc(2026, 3, 29, 1))),
+    (
+        "a skipped hour fires after the gap",
+        Schedule(BERLIN, cron="30 2 * * *"),
+        utc(2026, 3, 28, 1, 30),
+        utc(2026, 3, 29, 1, 30),
+        H,
+        CatchUp(utc(2026, 3, 29, 1)),
+    ),
     ("a one-off that fired", Schedule(at=T), T, T + D, H, CatchUp(None)),
     ("a one-off that never fired", Schedule(at=T), None, T + D, H, CatchUp(None)),
-    ("hourly, down for a day, 1h window", Schedule(cron="@hourly"), T - D, T + 30 * M, H,
-     CatchUp(T, T - D + H, T - H, 23)),
+    (
+        "hourly, down for a day, 1h window",
+        Schedule(cron="@hourly"),
+        T - D,
+        T + 30 * M,
+        H,
+        CatchUp(T, T - D + H, T - H, 23),
+    ),
 ]
 
 
-@pytest.mark.parametrize(("schedule", "last", "now", "window", "expected"),
-                         [case[1:] for case in CASES], ids=[case[0] for case in CASES])
-def test_plan_catch_up(schedule: Schedule, last: datetime | None, now: datetime,
-                       window: timedelta, expected: CatchUp) -> None:
+@pytest.mark.parametrize(
+    ("schedule", "last", "now", "window", "expected"),
+    [case[1:] for case in CASES],
+    ids=[case[0] for case in CASES],
+)
+def test_plan_catch_up(
+    schedule: Schedule, last: datetime | None, now: datetime, window: timedelta, expected: CatchUp
+) -> None:
     assert in_utc(plan_catch_up(schedule, last, now, window)) == expected
 
 
 def in_utc(verdict: CatchUp) -> CatchUp:
     """The verdict with UTC times: Python never finds a time in a repeated hour equal to a
     time in another zone, even the same instant."""
+
     def convert(moment: datetime | None) -> datetime | None:
         return moment.astimezone(timezone.utc) if moment else None
 
-    return replace(verdict, run=convert(verdict.run), missed_first=convert(verdict.missed_first),
-                   missed_last=convert(verdict.missed_last))
+    return replace(
+        verdict,
+        run=convert(verdict.run),
+        missed_first=convert(verdict.missed_first),
+        missed_last=convert(verdict.missed_last),
+    )
 
 
 def test_the_missed_error_says_how_many_and_from_when_to_when() -> None:
     verdict = plan_catch_up(EVERY_15M, T, T + 50 * M, H)
     assert verdict.missed_error == (
         "2 firing(s) missed from 2026-11-27T12:15:00+00:00 to 2026-11-27T12:30:00+00:00 "
-        "while te-scheduler was not running")
+        "while te-scheduler was not running"
+    )
 
 
 @pytest.mark.parametrize(("window", "run"), [(H, T - S), (timedelta(0), None)])
@@ -131,21 +188,28 @@ def latest(found: list[dict[str, Any]], job: str) -> datetime:
 
 
 def first_scheduled_after(found: list[dict[str, Any]], job: str, after: datetime) -> datetime:
-    return min(r["scheduled_for"] for r in of(found, job=job, trigger="schedule")
-               if r["outcome"] != "missed" and r["scheduled_for"] > after)
+    return min(
+        r["scheduled_for"]
+        for r in of(found, job=job, trigger="schedule")
+        if r["outcome"] != "missed" and r["scheduled_for"] > after
+    )
 
 
 def fired_since(db_url: str, job: str, moment: float) -> bool:
-    return any(r["job"] == job and r["trigger"] == "schedule" and r["outcome"] == "success"
-               and r["scheduled_for"].timestamp() > moment for r in rows_so_far(db_url))
+    return any(
+        r["job"] == job
+        and r["trigger"] == "schedule"
+        and r["outcome"] == "success"
+        and r["scheduled_for"].timestamp() > moment
+        for r in rows_so_far(db_url)
+    )
 
 
 @pytest.mark.slow
 def test_a_restart_runs_the_latest_missed_slot_once_and_sums_up_the_rest(
     tmp_path, simulator, db_url, start_daemon
 ):
-    cfg = write_config(tmp_path / "jobs.yaml", TWO_SECONDS, base_url=simulator.url,
-                       db_url=db_url)
+    cfg = write_config(tmp_path / "jobs.yaml", TWO_SECONDS, base_url=simulator.url, db_url=db_url)
     first = start_daemon(cfg)
     wait_until(lambda: finished(db_url, "105") and finished(db_url, "106"), what="first firings")
     assert first.stop() == 0
@@ -156,10 +220,14 @@ def test_a_restart_runs_the_latest_missed_slot_once_and_sums_up_the_rest(
     wait_until(lambda: time.time() > max(last.values()).timestamp() + 4.2, timeout=10)
     restarted = time.time()
     second = start_daemon(cfg)
-    wait_until(lambda: all(fired_since(db_url, job, restarted)
-                           for job in ("kept", "strict", "newcomer")), what="slots after restart")
-    wait_until(lambda: of(rows_so_far(db_url), trigger="catch-up", outcome="success"),
-               what="the catch-up call")
+    wait_until(
+        lambda: all(fired_since(db_url, job, restarted) for job in ("kept", "strict", "newcomer")),
+        what="slots after restart",
+    )
+    wait_until(
+        lambda: of(rows_so_far(db_url), trigger="catch-up", outcome="success"),
+        what="the catch-up call",
+    )
     assert second.stop() == 0
     found = rows(db_url)
 
@@ -173,7 +241,8 @@ def test_a_restart_runs_the_latest_missed_slot_once_and_sums_up_the_rest(
     assert count >= 1
     assert missed["error"] == (
         f"{count} firing(s) missed from {missed['scheduled_for'].isoformat()} to "
-        f"{(catch_up['scheduled_for'] - TWO).isoformat()}: te-scheduler was not running")
+        f"{(catch_up['scheduled_for'] - TWO).isoformat()}: te-scheduler was not running"
+    )
     assert (catch_up["outcome"], missed["status_code"]) == ("success", None)
 
     # strict (catch_up 0s): nothing ran, every missed slot is in its one missed row.
@@ -184,7 +253,8 @@ def test_a_restart_runs_the_latest_missed_slot_once_and_sums_up_the_rest(
     assert missed["scheduled_for"] == last["strict"] + TWO and count >= 2
     assert missed["error"].startswith(
         f"{count} firing(s) missed from {missed['scheduled_for'].isoformat()} to "
-        f"{(resumed - TWO).isoformat()}")
+        f"{(resumed - TWO).isoformat()}"
+    )
 
     # newcomer never fired before: nothing to catch up.
     assert {r["trigger"] for r in of(found, job="newcomer")} == {"schedule"}
@@ -229,8 +299,12 @@ def test_a_second_restart_does_not_report_the_same_missed_slots_again(
 ):
     start = anchor()
     seed(engine, "daily", "105", start, "success")
-    cfg = write_config(tmp_path / "jobs.yaml", hourly("daily", "105", start, "0s"),
-                       base_url=simulator.url, db_url=db_url)
+    cfg = write_config(
+        tmp_path / "jobs.yaml",
+        hourly("daily", "105", start, "0s"),
+        base_url=simulator.url,
+        db_url=db_url,
+    )
     for _ in range(2):
         daemon = start_daemon(cfg)
         daemon.wait_for_log("Scheduled job")  # logged once catch-up has decided
@@ -238,13 +312,15 @@ def test_a_second_restart_does_not_report_the_same_missed_slots_again(
     [missed] = of(rows(db_url), outcome="missed")
     assert missed["scheduled_for"] == start + H
     assert missed["error"].startswith(
-        f"2 firing(s) missed from {(start + H).isoformat()} to {(start + 2 * H).isoformat()}")
+        f"2 firing(s) missed from {(start + H).isoformat()} to {(start + 2 * H).isoformat()}"
+    )
     assert simulator.requests == []
 
 
 @pytest.mark.slow
-def test_an_interrupted_call_is_not_repeated_by_catch_up(tmp_path, simulator, engine, db_url,
-                                                         start_daemon):
+def test_an_interrupted_call_is_not_repeated_by_catch_up(
+    tmp_path, simulator, engine, db_url, start_daemon
+):
     start = anchor()
     # "cut" was interrupted on its latest slot; "older" on the slot before the latest.
     seed(engine, "cut", "105", start + 2 * H, "interrupted")
@@ -252,13 +328,16 @@ def test_an_interrupted_call_is_not_repeated_by_catch_up(tmp_path, simulator, en
     body = hourly("cut", "105", start, "2h") + hourly("older", "106", start, "2h")[5:]
     cfg = write_config(tmp_path / "jobs.yaml", body, base_url=simulator.url, db_url=db_url)
     daemon = start_daemon(cfg)
-    wait_until(lambda: of(rows_so_far(db_url), trigger="catch-up", outcome="success"),
-               what="the catch-up of the later slot")
+    wait_until(
+        lambda: of(rows_so_far(db_url), trigger="catch-up", outcome="success"),
+        what="the catch-up of the later slot",
+    )
     daemon.wait_for_log("Scheduled job")
     assert daemon.stop() == 0
     found = rows(db_url)
     assert [(r["trigger"], r["outcome"]) for r in of(found, job="cut")] == [
-        ("schedule", "interrupted")]
+        ("schedule", "interrupted")
+    ]
     [caught] = of(found, job="older", trigger="catch-up")
     assert caught["scheduled_for"] == start + 2 * H  # the later slot, not the interrupted one
     assert len(simulator.requests) == 1
@@ -266,8 +345,6 @@ def test_an_interrupted_call_is_not_repeated_by_catch_up(tmp_path, simulator, en
 
 
 # -- many jobs at once: one history read, the same decisions ---------------------------------
-
-
 
 
 def random_history(seed: int, jobs: int, end: datetime) -> list[dict[str, Any]]:
@@ -281,21 +358,32 @@ def random_history(seed: int, jobs: int, end: datetime) -> list[dict[str, Any]]:
             for minute in minutes:
                 slot = end - minute * M
                 trigger = rng.choice(("schedule", "schedule", "catch-up", "manual"))
-                outcome = rng.choice(("success", "http_error", "interrupted", "pending",
-                                      "skipped", "missed"))
+                outcome = rng.choice(
+                    ("success", "http_error", "interrupted", "pending", "skipped", "missed")
+                )
                 if outcome == "missed":  # written at a later start, about earlier slots
                     trigger, started = "schedule", slot + rng.randint(1, 3000) * M
                 else:
                     started = slot + rng.randint(0, 90) * S
                 for attempt in range(1, rng.choice((1, 1, 2)) + 1):
-                    rows.append({
-                        "run_id": f"r{j}-{test}-{minute}", "job": f"job-{j:03d}",
-                        "test_id": test, "aid": None, "trigger": trigger,
-                        "scheduled_for": slot, "attempt": attempt,
-                        "started_at": started + attempt * S, "finished_at": None,
-                        "status_code": None, "outcome": outcome, "error": None,
-                        "duration_ms": None, "instance": "gone:1",
-                    })
+                    rows.append(
+                        {
+                            "run_id": f"r{j}-{test}-{minute}",
+                            "job": f"job-{j:03d}",
+                            "test_id": test,
+                            "aid": None,
+                            "trigger": trigger,
+                            "scheduled_for": slot,
+                            "attempt": attempt,
+                            "started_at": started + attempt * S,
+                            "finished_at": None,
+                            "status_code": None,
+                            "outcome": outcome,
+                            "error": None,
+                            "duration_ms": None,
+                            "instance": "gone:1",
+                        }
+                    )
     return rows
 
 
@@ -330,8 +418,10 @@ def test_last_accounted_by_job_of_an_empty_history(any_engine: sa.Engine) -> Non
 
 
 SCHEDULES = [
-    "{every: 15m}", "{every: 1h, start: '2026-11-01T00:07:00+00:00'}",
-    "{cron: '*/20 * * * *'}", "{cron: '0 3 * * *', timezone: Europe/Berlin}",
+    "{every: 15m}",
+    "{every: 1h, start: '2026-11-01T00:07:00+00:00'}",
+    "{cron: '*/20 * * * *'}",
+    "{cron: '0 3 * * *', timezone: Europe/Berlin}",
 ]
 WINDOWS = ["0s", "10m", "1h", "1d"]
 
@@ -344,7 +434,8 @@ def test_catch_up_of_many_jobs_decides_as_each_job_alone_would(
     body = "jobs:\n" + "".join(
         f"  - name: job-{j:03d}\n    tests: [{', '.join(str(t) for t in range(1 + j % 2))}]\n"
         f"    schedule: {SCHEDULES[j % 4]}\n    catch_up: {WINDOWS[j // 4 % 4]}\n"
-        for j in range(96))
+        for j in range(96)
+    )
     rows_by_job: dict[str, list[dict[str, Any]]] = {}
     for row in random_history(3, 96, now):
         rows_by_job.setdefault(row["job"], []).append(row)
@@ -354,18 +445,24 @@ def test_catch_up_of_many_jobs_decides_as_each_job_alone_would(
         conn.execute(history.attempts.insert(), kept)
     sim = Simulator(token=TOKEN, org_limit=100_000, instant_limit=100_000).start()
     try:
-        path = write_config(tmp_path / "jobs.yaml", body, base_url=sim.url,
-                            api_extra="  rate_limit: 100000/min\n")
+        path = write_config(
+            tmp_path / "jobs.yaml", body, base_url=sim.url, api_extra="  rate_limit: 100000/min\n"
+        )
         cfg = config.load(path)
         expected = expected_catch_up(cfg, accounted_by_definition(kept), now)
-        assert any(r[2] == "catch-up" for r in expected) and any(r[4] == "missed"
-                                                                  for r in expected)
-        daemon = Daemon(cfg, engine, simulated=(sim.url, TOKEN),
-                        scheduler=SteppedScheduler(timezone=timezone.utc))  # never stepped
+        assert any(r[2] == "catch-up" for r in expected) and any(r[4] == "missed" for r in expected)
+        daemon = Daemon(
+            cfg,
+            engine,
+            simulated=(sim.url, TOKEN),
+            scheduler=SteppedScheduler(timezone=timezone.utc),
+        )  # never stepped
         daemon.start()
         catch_ups = sum(1 for r in expected if r[2] == "catch-up")
-        wait_until(lambda: len(written(engine, daemon.instance, "success")) == catch_ups,
-                   what="the catch-up calls")
+        wait_until(
+            lambda: len(written(engine, daemon.instance, "success")) == catch_ups,
+            what="the catch-up calls",
+        )
         daemon.shutdown()
     finally:
         sim.stop()
@@ -384,9 +481,11 @@ def expected_catch_up(
             if verdict.missed_count:
                 assert verdict.missed_first and verdict.missed_last
                 more = "" if verdict.counted_all else "at least "
-                error = (f"{more}{verdict.missed_count} firing(s) missed from "
-                         f"{verdict.missed_first.isoformat()} to "
-                         f"{verdict.missed_last.isoformat()}: te-scheduler was not running")
+                error = (
+                    f"{more}{verdict.missed_count} firing(s) missed from "
+                    f"{verdict.missed_first.isoformat()} to "
+                    f"{verdict.missed_last.isoformat()}: te-scheduler was not running"
+                )
                 rows.add((job.name, test, "schedule", verdict.missed_first, "missed", error))
             if verdict.run:
                 rows.add((job.name, test, "catch-up", verdict.run, "success", None))
@@ -394,22 +493,31 @@ def expected_catch_up(
 
 
 def written(engine: sa.Engine, instance: str, outcome: str | None = None) -> list[tuple[Any, ...]]:
-    return [(r["job"], r["test_id"], r["trigger"], r["scheduled_for"], r["outcome"], r["error"])
-            for r in history.query(engine, outcome=outcome, limit=None)
-            if r["instance"] == instance]
+    return [
+        (r["job"], r["test_id"], r["trigger"], r["scheduled_for"], r["outcome"], r["error"])
+        for r in history.query(engine, outcome=outcome, limit=None)
+        if r["instance"] == instance
+    ]
 
 
 @pytest.mark.slow
-def test_catch_ups_still_queued_at_shutdown_are_recorded_missed(tmp_path, simulator, engine,
-                                                                db_url, start_daemon):
+def test_catch_ups_still_queued_at_shutdown_are_recorded_missed(
+    tmp_path, simulator, engine, db_url, start_daemon
+):
     start = anchor()
     names = [("a", "105"), ("b", "106"), ("c", "107"), ("d", "108")]
     for job, test in names:
         seed(engine, job, test, start, "success")  # each owes a catch-up of start + 2h
-    body = "".join(hourly(job, test, start, "2h")[0 if n == 0 else 5:]
-                   for n, (job, test) in enumerate(names))
-    cfg = write_config(tmp_path / "jobs.yaml", body, base_url=simulator.url, db_url=db_url,
-                       api_extra="  concurrency: 1\n")
+    body = "".join(
+        hourly(job, test, start, "2h")[0 if n == 0 else 5 :] for n, (job, test) in enumerate(names)
+    )
+    cfg = write_config(
+        tmp_path / "jobs.yaml",
+        body,
+        base_url=simulator.url,
+        db_url=db_url,
+        api_extra="  concurrency: 1\n",
+    )
     for _, test in names:
         simulator.add_rule(test, 200, delay=2.0)
     daemon = start_daemon(cfg)

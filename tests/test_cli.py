@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from scheduler import db, history
 from scheduler.logs import JsonFormatter, SecretFilter, TextFormatter
+from scheduler.store import db, history
 from tests.conftest import TOKEN, cli_env, run_cli, write_config
 
 JOBS = """\
@@ -168,8 +168,10 @@ def test_db_upgrade_current_downgrade(config: Path):
     assert run_cli("-c", str(config), "db", "current").stdout.startswith("empty")
 
 
-@pytest.mark.parametrize("args", [["downgrade", "nope"], ["downgrade", "9999"],
-                                  ["downgrade", "x" * 500], ["upgrade", "nope"]])
+@pytest.mark.parametrize(
+    "args",
+    [["downgrade", "nope"], ["downgrade", "9999"], ["downgrade", "x" * 500], ["upgrade", "nope"]],
+)
 def test_an_unknown_revision_is_bad_usage(config: Path, db_url: str, args: list[str]):
     for migrated in (False, True):  # checked before the database is even opened
         result = run_cli("-c", str(config), "db", *args)
@@ -199,8 +201,11 @@ def test_downgrade_goes_only_down(config: Path):
 
 def test_empty_results_still_print_their_header(config: Path):
     assert run_cli("-c", str(config), "db", "upgrade").returncode == 0
-    for command, first in ((["history"], "started_at"), (["stats"], "job"),
-                           (["status"], "instance")):
+    for command, first in (
+        (["history"], "started_at"),
+        (["stats"], "job"),
+        (["status"], "instance"),
+    ):
         table = run_cli("-c", str(config), *command)
         assert table.returncode == 0 and table.stderr == "", table.stderr
         (header,) = table.stdout.splitlines()  # the header alone: nothing matched
@@ -269,7 +274,8 @@ def test_history_formats(config: Path, simulator):
     assert table[0].split()[:3] == ["started_at", "job", "test_id"] and len(table) == 2
     empty = run_cli("-c", str(config), "history", "--job", "dns")
     assert empty.returncode == 0 and [line.split() for line in empty.stdout.splitlines()] == [
-        table[0].split()]
+        table[0].split()
+    ]
 
 
 def test_stats_and_prune(config: Path, simulator):
@@ -349,21 +355,25 @@ def test_an_alias_bomb_is_one_line_and_quick(tmp_path: Path):
     result = run_cli("-c", str(bomb), "validate")
     assert time.monotonic() - started < 10  # a real expansion would never end
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr == (f"{bomb}:7:16: the document expands to more than 2,000,000 values "
-                             "(through aliases?); that is far more than a config needs\n")
+    assert result.stderr == (
+        f"{bomb}:7:16: the document expands to more than 2,000,000 values "
+        "(through aliases?); that is far more than a config needs\n"
+    )
 
 
 # -- the token in log lines ----------------------------------------------------------------
 
 
-def logged(secrets: list[str], message: str, *args: object, json_format: bool = False,
-           **extra: object) -> str:
+def logged(
+    secrets: list[str], message: str, *args: object, json_format: bool = False, **extra: object
+) -> str:
     """What one record becomes after SecretFilter and a formatter, as setup_logging wires them."""
     scrubber = SecretFilter()
     for secret in secrets:
         scrubber.add(secret)
-    record = logging.LogRecord("scheduler.runner", logging.WARNING, __file__, 1, message, args,
-                               None)
+    record = logging.LogRecord(
+        "scheduler.runner", logging.WARNING, __file__, 1, message, args, None
+    )
     record.__dict__.update(extra)
     assert scrubber.filter(record)
     return (JsonFormatter() if json_format else TextFormatter()).format(record)
@@ -374,13 +384,17 @@ def test_a_short_secret_is_masked_only_as_a_whole_token():
     assert 'job="abc-checks"' in line  # not "***-checks"
     assert 'error="token *** expired (Bearer ***)"' in line
     assert logged(["abc"], "url=%s", "https://x/?token=abc&aid=1").endswith("token=***&aid=1")
-    assert logged(["abc"], "labcd xabc abcx") .endswith("labcd xabc abcx")
+    assert logged(["abc"], "labcd xabc abcx").endswith("labcd xabc abcx")
 
 
 def test_a_real_token_is_masked_wherever_it_occurs():
     token = "5d5e2a1c-1234-4bcd-9f00-abcdef012345"  # ThousandEyes tokens are UUID-like
-    for text in (f"Bearer {token}", f"x{token}y", f"Authorization%3A%20Bearer%20{token}",
-                 f"'{token}'"):
+    for text in (
+        f"Bearer {token}",
+        f"x{token}y",
+        f"Authorization%3A%20Bearer%20{token}",
+        f"'{token}'",
+    ):
         line = logged([token, "abc"], "sent %s", text)
         assert token not in line and "***" in line
     # A short secret that is part of the long one does not leave a piece of it behind.
@@ -398,8 +412,9 @@ def test_fields_and_tracebacks_are_scrubbed_too():
     scrubber = SecretFilter()
     scrubber.add(token)
     for formatter in (TextFormatter(), JsonFormatter()):
-        record = logging.LogRecord("scheduler.client", logging.DEBUG, __file__, 1,
-                                   "call failed", None, exc_info)
+        record = logging.LogRecord(
+            "scheduler.api.client", logging.DEBUG, __file__, 1, "call failed", None, exc_info
+        )
         record.error = f"Bearer {token}"  # a structured field, as extra= adds it
         assert scrubber.filter(record)
         line = formatter.format(record)
@@ -407,13 +422,25 @@ def test_fields_and_tracebacks_are_scrubbed_too():
 
 
 def test_the_daemon_logs_keep_words_that_contain_a_short_token(tmp_path: Path, simulator, db_url):
-    cfg = write_config(tmp_path / "jobs.yaml", """\
+    cfg = write_config(
+        tmp_path / "jobs.yaml",
+        """\
         jobs:
           - name: abc-checks
             tests: [105]
             schedule: {every: 1h}
-        """, base_url=simulator.url, db_url=db_url)
-    result = run_cli("-c", str(cfg), "--log-level", "debug", "trigger", "abc-checks",
-                     env=cli_env(TE_TEST_TOKEN="abc"))  # the simulator answers 401
+        """,
+        base_url=simulator.url,
+        db_url=db_url,
+    )
+    result = run_cli(
+        "-c",
+        str(cfg),
+        "--log-level",
+        "debug",
+        "trigger",
+        "abc-checks",
+        env=cli_env(TE_TEST_TOKEN="abc"),
+    )  # the simulator answers 401
     assert result.returncode == 1
     assert 'job="abc-checks"' in result.stderr and "***-checks" not in result.stderr

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from scheduler import __version__, clock
-from scheduler.client import (
+from scheduler.api.client import (
     Caller,
     CallResult,
     RateLimitBucket,
@@ -25,8 +25,8 @@ from scheduler.client import (
     parse_buckets,
     run_url,
 )
+from scheduler.api.simulator import Simulator
 from scheduler.config import ApiConfig
-from scheduler.simulator import Simulator
 
 TOKEN = "tok-8f1c2d9e0a"
 START = datetime(2026, 1, 1, tzinfo=timezone.utc)  # 1767225600

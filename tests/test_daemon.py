@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from scheduler import db, history
+from scheduler.store import db, history
 from tests.conftest import cli_env, wait_until, write_config
 
 pytestmark = pytest.mark.slow

@@ -17,11 +17,12 @@ import pytest
 import sqlalchemy as sa
 from apscheduler.schedulers.base import BaseScheduler
 
-from scheduler import clock, config, history
+from scheduler import clock, config
 from scheduler.daemon import LOG_EACH_JOB_UP_TO, Daemon, entries_of
 from scheduler.executor import FiringExecutor
 from scheduler.metrics import MetricsServer
-from scheduler.planner import build_plan
+from scheduler.store import history
+from scheduler.timing.planner import build_plan
 from tests.conftest import TOKEN, write_config
 from tests.test_metrics import next_fires
 
@@ -87,7 +88,9 @@ class SteppedScheduler(BaseScheduler):
 
 
 def stepped_daemon(
-    cfg: config.Config, engine: Any, sim_url: str,
+    cfg: config.Config,
+    engine: Any,
+    sim_url: str,
     scheduler_cls: type[SteppedScheduler] = SteppedScheduler,
 ) -> tuple[Daemon, SteppedScheduler]:
     """A Daemon (not started) whose APScheduler the test steps with :func:`step_until`."""
@@ -177,7 +180,8 @@ def test_berlin_autumn_fires_the_fixed_hour_once_and_the_wildcard_hour_twice(
 def every_second_jobs(count: int) -> str:
     return "jobs:\n" + "".join(
         f"  - name: pulse-{i}\n    tests: [{i}]\n    schedule: {{every: 1s}}\n"
-        for i in range(count))
+        for i in range(count)
+    )
 
 
 def test_slots_that_pass_while_history_is_read_are_neither_missed_nor_late(
@@ -187,8 +191,9 @@ def test_slots_that_pass_while_history_is_read_are_neither_missed_nor_late(
     # looking, so the read's duration is no one's loss: before, the cut came first and every
     # `every: 1s` job found a backlog of slots "too late" when the scheduler started.
     clock.patch_apscheduler()
-    cfg = config.load(write_config(tmp_path / "jobs.yaml", every_second_jobs(6),
-                                   base_url=simulator.url))
+    cfg = config.load(
+        write_config(tmp_path / "jobs.yaml", every_second_jobs(6), base_url=simulator.url)
+    )
 
     def slow_history_read(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         if statement.lstrip().upper().startswith("SELECT") and "attempts" in statement:
@@ -214,8 +219,9 @@ def test_slots_that_pass_while_jobs_are_added_fire_late_and_the_rest_say_why(
     tmp_path: Path, simulator, engine, fake_clock
 ):
     clock.patch_apscheduler()
-    cfg = config.load(write_config(tmp_path / "jobs.yaml", every_second_jobs(4),
-                                   base_url=simulator.url))
+    cfg = config.load(
+        write_config(tmp_path / "jobs.yaml", every_second_jobs(4), base_url=simulator.url)
+    )
 
     class SlowAdds(SteppedScheduler):
         def add_job(self, *args: Any, **kwargs: Any) -> Any:
@@ -233,10 +239,13 @@ def test_slots_that_pass_while_jobs_are_added_fire_late_and_the_rest_say_why(
     # Each job's latest slot fires late, as a normal firing...
     assert fired == [(f"pulse-{i}", cut + timedelta(seconds=3)) for i in range(4)]
     # ... and the ones before it are summed up as missed, saying why.
-    missed = sorted((r["job"], r["scheduled_for"], r["error"]) for r in rows
-                    if r["outcome"] == "missed")
-    error = (f"3 firing(s) missed from {cut.isoformat()} to "
-             f"{(cut + timedelta(seconds=2)).isoformat()}: te-scheduler was starting")
+    missed = sorted(
+        (r["job"], r["scheduled_for"], r["error"]) for r in rows if r["outcome"] == "missed"
+    )
+    error = (
+        f"3 firing(s) missed from {cut.isoformat()} to "
+        f"{(cut + timedelta(seconds=2)).isoformat()}: te-scheduler was starting"
+    )
     assert missed == [(f"pulse-{i}", cut, error) for i in range(4)]
 
 
@@ -319,10 +328,13 @@ def test_start_up_sums_up_a_big_schedule_in_one_line(
     body = "jobs:\n" + "".join(
         f"  - name: hourly-{i:03d}\n    tests: [{i}]\n"
         f"    schedule: {{every: 1h, start: '2026-11-27T00:{i % 60:02d}:00+00:00'}}\n"
-        for i in range(LOG_EACH_JOB_UP_TO + 1))
+        for i in range(LOG_EACH_JOB_UP_TO + 1)
+    )
     daemon, scheduler = stepped_daemon(
         config.load(write_config(tmp_path / "jobs.yaml", body, base_url=simulator.url)),
-        engine, simulator.url)
+        engine,
+        simulator.url,
+    )
     with caplog.at_level(logging.INFO, logger="scheduler.daemon"):
         daemon.start()
     scheduler.shutdown()

@@ -16,8 +16,8 @@ from zoneinfo import ZoneInfo
 import pytest
 import sqlalchemy as sa
 
-from scheduler import db, history
-from scheduler.history import AttemptKey
+from scheduler.store import db, history
+from scheduler.store.history import AttemptKey
 
 T0 = datetime(2026, 11, 27, 6, 0, tzinfo=timezone.utc)
 COLUMNS = [
@@ -129,7 +129,7 @@ def test_finish_attempt_completes_the_row(engine: sa.Engine) -> None:
 def test_finish_attempt_of_a_vanished_row_only_warns(
     engine: sa.Engine, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="scheduler.history"):
+    with caplog.at_level(logging.WARNING, logger="scheduler.store.history"):
         history.finish_attempt(
             engine,
             999,
@@ -472,10 +472,18 @@ def _fill_old(engine: sa.Engine, count: int) -> None:
     """``count`` finished rows a year before T0, written in one statement."""
     base = key()
     rows = [
-        {"run_id": f"r{n}", "job": base.job, "test_id": base.test_id, "aid": None,
-         "trigger": "schedule", "scheduled_for": T0 - timedelta(days=365, minutes=n),
-         "attempt": 1, "started_at": T0 - timedelta(days=365, minutes=n), "outcome": "success",
-         "instance": base.instance}
+        {
+            "run_id": f"r{n}",
+            "job": base.job,
+            "test_id": base.test_id,
+            "aid": None,
+            "trigger": "schedule",
+            "scheduled_for": T0 - timedelta(days=365, minutes=n),
+            "attempt": 1,
+            "started_at": T0 - timedelta(days=365, minutes=n),
+            "outcome": "success",
+            "instance": base.instance,
+        }
         for n in range(count)
     ]
     with engine.begin() as conn:
@@ -521,8 +529,10 @@ def _reference_stats(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[s
     """The stats of SPEC's definitions, the slow obvious way: firing by firing (run_id)."""
     result = {}
     for pair in sorted({(r["job"], r["test_id"]) for r in rows}):
-        mine = sorted((r for r in rows if (r["job"], r["test_id"]) == pair),
-                      key=lambda r: (r["started_at"], r["id"]))
+        mine = sorted(
+            (r for r in rows if (r["job"], r["test_id"]) == pair),
+            key=lambda r: (r["started_at"], r["id"]),
+        )
         runs: dict[str, list[dict[str, Any]]] = {}
         for r in mine:
             runs.setdefault(r["run_id"], []).append(r)
@@ -536,15 +546,19 @@ def _reference_stats(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[s
             return d[max(-(-p * len(d) // 100), 1) - 1] if d else None
 
         result[pair] = {
-            "firings": len(runs), "attempts": len(mine), "successes": len(won),
+            "firings": len(runs),
+            "attempts": len(mine),
+            "successes": len(won),
             "success_rate": len(won) / len(finished) if finished else None,
-            "last_success": max((r["started_at"] for r in mine if r["outcome"] == "success"),
-                                default=None),
+            "last_success": max(
+                (r["started_at"] for r in mine if r["outcome"] == "success"), default=None
+            ),
             "last_failure": latest["started_at"] if latest else None,
             "last_error": latest["error"] if latest else None,
             "rate_limited": sum(r["status_code"] == 429 for r in mine),
             "retries": sum(r["attempt"] > 1 for r in mine),
-            "p50_ms": pct(50), "p95_ms": pct(95),
+            "p50_ms": pct(50),
+            "p95_ms": pct(95),
         }
     return result
 
@@ -565,18 +579,26 @@ def test_stats_in_sql_agree_with_counting_firing_by_firing(engine: sa.Engine, se
             if outcome == "skipped" and attempt > 1:
                 outcome = "interrupted"
             status = {"success": 200, "http_error": 503, "rate_limited": 429}.get(outcome)
-            add(engine, key(f"{job}{test}-{n}", job=job, test_id=test, scheduled_for=slot,
-                            attempt=attempt),
-                at, outcome, status=status,
-                ms=rng.choice([None, rng.randint(1, 40)]), error=f"e{n}.{attempt}")
+            add(
+                engine,
+                key(f"{job}{test}-{n}", job=job, test_id=test, scheduled_for=slot, attempt=attempt),
+                at,
+                outcome,
+                status=status,
+                ms=rng.choice([None, rng.randint(1, 40)]),
+                error=f"e{n}.{attempt}",
+            )
     expected = _reference_stats(history.query(engine, limit=0))
     got = {(s.pop("job"), s.pop("test_id")): s for s in history.stats(engine)}
     assert got == expected
     # A window that cuts a firing between its attempts counts what is inside it.
     rows = history.query(engine, limit=0)
     started = {(r["run_id"], r["attempt"]): r["started_at"] for r in rows}
-    cuts = [r["started_at"] for r in rows if r["attempt"] > 1
-            and started[(r["run_id"], r["attempt"] - 1)] < r["started_at"]]
+    cuts = [
+        r["started_at"]
+        for r in rows
+        if r["attempt"] > 1 and started[(r["run_id"], r["attempt"] - 1)] < r["started_at"]
+    ]
     since = rng.choice(cuts) if cuts else T0 + timedelta(minutes=rng.randint(0, 30))
     expected = _reference_stats(history.query(engine, since=since, limit=0))
     got = {(s.pop("job"), s.pop("test_id")): s for s in history.stats(engine, since=since)}

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from scheduler import clock, db, history, instances
-from scheduler.history import AttemptKey
-from scheduler.instances import SharedLimit
+from scheduler import clock
+from scheduler.store import db, history, instances
+from scheduler.store.history import AttemptKey
+from scheduler.store.instances import SharedLimit
 from tests.postgres import any_engine, postgres_server, postgres_url  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
@@ -158,7 +159,7 @@ def test_heartbeat_thread_beats_survives_errors_and_registers_again(
     eng = db.make_engine(f"sqlite:///{tmp_path / 'h.db'}")  # not migrated yet: beats fail
     beat = instances.Heartbeat(eng, "me:7", "0.1.0", interval=0.02).start()
     try:
-        with caplog.at_level(logging.INFO, logger="scheduler.instances"):
+        with caplog.at_level(logging.INFO, logger="scheduler.store.instances"):
             wait_until(lambda: "Heartbeat of me:7 failed (will retry)" in caplog.text, "a failure")
             assert beat.last_beat is None and beat._thread.is_alive()
             db.upgrade(eng)  # the database comes back; the row is missing: registered again
@@ -241,7 +242,8 @@ def test_racing_publishers_keep_the_lowest_remaining(engine: sa.Engine) -> None:
 CLAIMER = """
 import json, os, sys, time
 from datetime import datetime, timedelta, timezone
-from scheduler import db, history
+from scheduler.store import db
+from scheduler.store import history
 path, me, go = sys.argv[1], sys.argv[2], sys.argv[3]
 engine = db.make_engine("sqlite:///" + path)
 history.pending_rows(engine)  # connected and ready

@@ -9,12 +9,14 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from scheduler import clock, history
-from scheduler.client import Caller, CallResult, RateLimitBucket
-from scheduler.config import ApiConfig, Job, Rate, Schedule
-from scheduler.limiter import EARLY_MARGIN, RESET_MARGIN, Limiter, Permit
+from scheduler import clock
+from scheduler.api.client import Caller, CallResult, RateLimitBucket
+from scheduler.api.limiter import EARLY_MARGIN, RESET_MARGIN, Limiter, Permit
+from scheduler.api.simulator import Simulator
+from scheduler.config import ApiConfig, Job, Schedule
+from scheduler.config.model import Rate
 from scheduler.runner import Firing, Runner
-from scheduler.simulator import Simulator
+from scheduler.store import history
 from tests.conftest import TOKEN
 
 SLOT = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)

@@ -13,10 +13,11 @@ import requests
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from scheduler import __version__, clock, db
-from scheduler.client import CallResult
+from scheduler import __version__, clock
+from scheduler.api.client import CallResult
 from scheduler.errors import SchedulerError
 from scheduler.metrics import Metrics, MetricsServer, build_health, database_health
+from scheduler.store import db
 
 SPEC_METRICS = {
     "te_scheduler_attempts": "counter",
@@ -35,11 +36,13 @@ def serve() -> Iterator[Serve]:
     """Start MetricsServers on 127.0.0.1 port 0; all are stopped at teardown."""
     servers: list[MetricsServer] = []
 
-    def start(health: Callable[[], tuple[bool, dict[str, str]]] | None = None,
-              **kwargs: Any) -> tuple[Metrics, MetricsServer, str]:
+    def start(
+        health: Callable[[], tuple[bool, dict[str, str]]] | None = None, **kwargs: Any
+    ) -> tuple[Metrics, MetricsServer, str]:
         metrics = Metrics()
-        server = MetricsServer(metrics, ("127.0.0.1", 0), health or (lambda: (True, {})),
-                               **kwargs).start()
+        server = MetricsServer(
+            metrics, ("127.0.0.1", 0), health or (lambda: (True, {})), **kwargs
+        ).start()
         servers.append(server)
         return metrics, server, f"http://127.0.0.1:{server.port}"
 
@@ -69,9 +72,14 @@ def test_spec_metric_names_and_types(serve: Serve) -> None:
     text = requests.get(f"{base}/metrics", timeout=5).text
     families = {f.name: f.type for f in text_string_to_metric_families(text)}
     assert {name: families.get(name) for name in SPEC_METRICS} == SPEC_METRICS
-    for name in ("te_scheduler_attempts_total", "te_scheduler_http_responses_total",
-                 "te_scheduler_request_duration_seconds", "te_scheduler_firing_lag_seconds",
-                 "te_scheduler_rate_limit_remaining", "te_scheduler_next_fire_timestamp_seconds"):
+    for name in (
+        "te_scheduler_attempts_total",
+        "te_scheduler_http_responses_total",
+        "te_scheduler_request_duration_seconds",
+        "te_scheduler_firing_lag_seconds",
+        "te_scheduler_rate_limit_remaining",
+        "te_scheduler_next_fire_timestamp_seconds",
+    ):
         assert f"# TYPE {name.removesuffix('_total')}" in text
 
 
@@ -113,7 +121,9 @@ def test_gauges_set_and_remove(serve: Serve, fake_clock: clock.FakeClock) -> Non
     metrics, _, base = serve()
     at = datetime(2026, 11, 27, 13, 0, tzinfo=timezone.utc)
     schedule: dict[str, datetime | None] = {
-        "nightly": at, "naive": datetime(2026, 11, 27, 13, 0)}  # naive means UTC
+        "nightly": at,
+        "naive": datetime(2026, 11, 27, 13, 0),
+    }  # naive means UTC
     metrics.track_next_fires(lambda: schedule)
     metrics.rate_limits({"instant-test": 23, "organization": 239, "budget": None})
     metrics.attempt("nightly", "success")
@@ -147,8 +157,11 @@ def test_next_fires_drop_jobs_that_are_gone(serve: Serve) -> None:
     metrics.track_next_fires(lambda: current[0])
     scrape(base)
     current[0] = {"a": at + timedelta(hours=1), "c": None}
-    nxt = {k[1]: v for k, v in scrape(base).items()
-           if k[0] == "te_scheduler_next_fire_timestamp_seconds"}
+    nxt = {
+        k[1]: v
+        for k, v in scrape(base).items()
+        if k[0] == "te_scheduler_next_fire_timestamp_seconds"
+    }
     assert nxt == {(("job", "a"),): (at + timedelta(hours=1)).timestamp()}
 
 
@@ -187,14 +200,18 @@ def test_two_instances_do_not_share_a_registry(serve: Serve) -> None:
     _, _, second_base = serve()
     first.attempt("x", "success")
     assert ("te_scheduler_attempts_total", (("job", "x"), ("outcome", "success"))) in scrape(
-        first_base)
+        first_base
+    )
     assert not any(k[0] == "te_scheduler_attempts_total" for k in scrape(second_base))
 
 
 def test_openmetrics_when_the_scraper_asks_for_it(serve: Serve) -> None:
     _, _, base = serve()
-    response = requests.get(f"{base}/metrics", timeout=5,
-                            headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    response = requests.get(
+        f"{base}/metrics",
+        timeout=5,
+        headers={"Accept": "application/openmetrics-text; version=1.0.0"},
+    )
     assert response.headers["Content-Type"].startswith("application/openmetrics-text")
     assert response.text.endswith("# EOF\n")
 
@@ -308,14 +325,15 @@ def test_database_health_not_migrated(tmp_path: Path) -> None:
     assert "no such table: attempts" in detail
 
 
-def test_healthz_with_the_daemon_health_callable(serve: Serve, engine: Any,
-                                                 tmp_path: Path) -> None:
+def test_healthz_with_the_daemon_health_callable(serve: Serve, engine: Any, tmp_path: Path) -> None:
     running = threading.Event()
     running.set()
     _, _, base = serve(build_health(running.is_set, engine))
     response = requests.get(f"{base}/healthz", timeout=5)
     assert (response.status_code, response.json()) == (
-        200, {"status": "ok", "scheduler": "running", "database": "ok"})
+        200,
+        {"status": "ok", "scheduler": "running", "database": "ok"},
+    )
 
     running.clear()
     corrupt(engine, tmp_path / "history.db")
@@ -344,9 +362,11 @@ def test_next_fire_gauge_reads_its_source_at_each_scrape(serve: Serve) -> None:
     assert next_fires(base) == {"a": at.timestamp()}
     # Nothing is pushed: the next scrape sees the source as it is then.
     schedule.update(a=at + timedelta(hours=1), b=datetime(2026, 11, 27, 14, 0), c=at)
-    assert next_fires(base) == {"a": (at + timedelta(hours=1)).timestamp(),
-                                "b": (at + timedelta(hours=1)).timestamp(),  # naive is UTC
-                                "c": at.timestamp()}
+    assert next_fires(base) == {
+        "a": (at + timedelta(hours=1)).timestamp(),
+        "b": (at + timedelta(hours=1)).timestamp(),  # naive is UTC
+        "c": at.timestamp(),
+    }
     del schedule["a"]
     assert set(next_fires(base)) == {"b", "c"}
 
@@ -357,8 +377,7 @@ def test_next_fire_gauge_looks_as_it_did_on_the_wire(serve: Serve) -> None:
     metrics, _, base = serve()
     metrics.track_next_fires(lambda: {"nightly": at, "web": at + timedelta(seconds=0.25)})
     plain = CollectorRegistry()
-    gauge = Gauge(NEXT_FIRE, "Unix time of the job's next scheduled call.", ["job"],
-                  registry=plain)
+    gauge = Gauge(NEXT_FIRE, "Unix time of the job's next scheduled call.", ["job"], registry=plain)
     gauge.labels("nightly").set(at.timestamp())
     gauge.labels("web").set(at.timestamp() + 0.25)
 
@@ -367,8 +386,10 @@ def test_next_fire_gauge_looks_as_it_did_on_the_wire(serve: Serve) -> None:
 
     served = block(requests.get(f"{base}/metrics", timeout=5).text)
     assert served == block(generate_latest(plain).decode())
-    assert served[:2] == [f"# HELP {NEXT_FIRE} Unix time of the job's next scheduled call.",
-                          f"# TYPE {NEXT_FIRE} gauge"]
+    assert served[:2] == [
+        f"# HELP {NEXT_FIRE} Unix time of the job's next scheduled call.",
+        f"# TYPE {NEXT_FIRE} gauge",
+    ]
 
 
 def test_a_failing_next_fire_source_costs_only_its_own_series(

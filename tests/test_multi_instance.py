@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from scheduler import clock, db, history
-from scheduler.simulator import Simulator
+from scheduler import clock
+from scheduler.api.simulator import Simulator
+from scheduler.store import db, history
 from tests.conftest import TOKEN, cli_env, run_cli, wait_until, write_config
 from tests.postgres import postgres_server, postgres_url  # noqa: F401
 
@@ -38,14 +39,21 @@ def rows(url: str) -> list[dict]:
 
 
 def test_three_daemons_fire_each_slot_once_and_survive_a_kill(
-    tmp_path: Path, postgres_url: str, start_daemon  # noqa: F811
+    tmp_path: Path,
+    postgres_url: str,
+    start_daemon,  # noqa: F811
 ):
     sim = Simulator(token=TOKEN, org_limit=10**6, instant_limit=10**6).start()
     try:
         engine = db.make_engine(postgres_url)
         db.upgrade(engine)
-        config = write_config(tmp_path / "jobs.yaml", JOBS, base_url=sim.url,
-                              db_url=postgres_url, api_extra="  rate_limit: 1000/min\n")
+        config = write_config(
+            tmp_path / "jobs.yaml",
+            JOBS,
+            base_url=sim.url,
+            db_url=postgres_url,
+            api_extra="  rate_limit: 1000/min\n",
+        )
         env = cli_env(TE_SCHEDULER_HEARTBEAT="0.5")
         daemons = [start_daemon(config, env=env) for _ in range(3)]
         for daemon in daemons:
@@ -57,8 +65,13 @@ def test_three_daemons_fire_each_slot_once_and_survive_a_kill(
 
         def slow_call() -> list[dict]:
             # Ordinary calls are pending for milliseconds; the held one for seconds.
-            return [r for r in rows(postgres_url) if r["outcome"] == "pending"
-                    and r["test_id"] == "101" and r["started_at"] < clock.now() - HELD]
+            return [
+                r
+                for r in rows(postgres_url)
+                if r["outcome"] == "pending"
+                and r["test_id"] == "101"
+                and r["started_at"] < clock.now() - HELD
+            ]
 
         wait_until(slow_call, what="the slow call in flight")
         [pending] = slow_call()
@@ -96,9 +109,12 @@ def test_three_daemons_fire_each_slot_once_and_survive_a_kill(
     # Every row but the skipped ones and those interrupted before their call was sent stands for
     # exactly one request the API received, the killed instance's interrupted row included.
     calls = Counter(r.path.split("/")[3] for r in sim.requests)
-    recorded = Counter(r["test_id"] for r in found
-                       if r["outcome"] not in ("skipped", "missed", "pending")
-                       and r["error"] != "shut down before the call was sent")
+    recorded = Counter(
+        r["test_id"]
+        for r in found
+        if r["outcome"] not in ("skipped", "missed", "pending")
+        and r["error"] != "shut down before the call was sent"
+    )
     assert calls == recorded
     # No gap longer than one slot, the kill included.
     for test in ("101", "102"):
@@ -107,4 +123,4 @@ def test_three_daemons_fire_each_slot_once_and_survive_a_kill(
         assert max(gaps) <= timedelta(seconds=2), f"test {test}: gap of {max(gaps)}"
     owners = {r["instance"] for r in found}
     assert len(owners) == 3, "all three instances took a share of the firings"
-    assert os.getpid() not in {int(o.rsplit(':', 1)[1]) for o in owners}
+    assert os.getpid() not in {int(o.rsplit(":", 1)[1]) for o in owners}

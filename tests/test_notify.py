@@ -19,7 +19,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from scheduler.notify import Notifier, NotifyConfig, sd_notify, watchdog_seconds
+from scheduler.config.model import NotifyConfig
+from scheduler.notify import Notifier, sd_notify, watchdog_seconds
 
 T0 = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
 SECRET = "T000/B000/s3cr3t"
@@ -101,18 +102,30 @@ def notifier() -> Iterator[Notifier]:
 
 
 def cfg_for(server: Recorder) -> NotifyConfig:
-    return NotifyConfig(webhook=f"{server.base}/hook/{SECRET}", after=3,
-                        ping_url=f"{server.base}/ping/abc", timeout=2.0)
+    return NotifyConfig(
+        webhook=f"{server.base}/hook/{SECRET}",
+        after=3,
+        ping_url=f"{server.base}/ping/abc",
+        timeout=2.0,
+    )
 
 
-def fire(n: Notifier, cfg: NotifyConfig, outcome: str, at: datetime, error: str | None = None,
-         job: str = "dns", test: str = "105") -> None:
+def fire(
+    n: Notifier,
+    cfg: NotifyConfig,
+    outcome: str,
+    at: datetime,
+    error: str | None = None,
+    job: str = "dns",
+    test: str = "105",
+) -> None:
     n.firing_started(job, test, cfg)
     n.firing_finished(job, test, outcome, error, at, cfg)
 
 
-def test_one_failing_message_after_n_and_one_recovery(recorder: Recorder,
-                                                      notifier: Notifier) -> None:
+def test_one_failing_message_after_n_and_one_recovery(
+    recorder: Recorder, notifier: Notifier
+) -> None:
     cfg = cfg_for(recorder)
     slots = [T0 + timedelta(minutes=15 * i) for i in range(8)]
     fire(notifier, cfg, "http_error", slots[0], "Forbidden: no access")
@@ -128,13 +141,22 @@ def test_one_failing_message_after_n_and_one_recovery(recorder: Recorder,
 
     ping, hook = "/ping/abc", f"/hook/{SECRET}"
     assert recorder.paths() == [
-        f"{ping}/start", f"{ping}/fail",
-        f"{ping}/start", f"{ping}/fail",  # the skipped firing pinged nothing
-        f"{ping}/start", f"{ping}/fail", hook,
-        f"{ping}/start", f"{ping}/fail",
-        f"{ping}/start", ping, hook,
-        f"{ping}/start", f"{ping}/fail",
-        f"{ping}/start", ping,
+        f"{ping}/start",
+        f"{ping}/fail",
+        f"{ping}/start",
+        f"{ping}/fail",  # the skipped firing pinged nothing
+        f"{ping}/start",
+        f"{ping}/fail",
+        hook,
+        f"{ping}/start",
+        f"{ping}/fail",
+        f"{ping}/start",
+        ping,
+        hook,
+        f"{ping}/start",
+        f"{ping}/fail",
+        f"{ping}/start",
+        ping,
     ]
     failing, recovered = (hit.json for hit in recorder.hits if hit.path == hook)
     assert failing == {
@@ -162,15 +184,20 @@ def test_one_failing_message_after_n_and_one_recovery(recorder: Recorder,
     }
 
 
-def test_pings_carry_one_run_id_per_firing_and_the_error(recorder: Recorder,
-                                                         notifier: Notifier) -> None:
+def test_pings_carry_one_run_id_per_firing_and_the_error(
+    recorder: Recorder, notifier: Notifier
+) -> None:
     cfg = NotifyConfig(ping_url=f"{recorder.base}/ping/abc?create=1", timeout=2.0)
     fire(notifier, cfg, "success", T0)
     fire(notifier, cfg, "rate_limited", T0, "Too Many Requests")
     notifier.close(5.0)
     start1, ok, start2, fail = recorder.hits
-    assert [h.path for h in recorder.hits] == ["/ping/abc/start", "/ping/abc",
-                                               "/ping/abc/start", "/ping/abc/fail"]
+    assert [h.path for h in recorder.hits] == [
+        "/ping/abc/start",
+        "/ping/abc",
+        "/ping/abc/start",
+        "/ping/abc/fail",
+    ]
     assert all(h.method == "POST" and h.query["create"] == ["1"] for h in recorder.hits)
     rid1, rid2 = start1.query["rid"][0], start2.query["rid"][0]
     assert str(uuid.UUID(rid1)) == rid1 and rid1 != rid2
@@ -178,15 +205,18 @@ def test_pings_carry_one_run_id_per_firing_and_the_error(recorder: Recorder,
     assert fail.body == b"dns test 105: rate_limited: Too Many Requests"
 
 
-def test_streaks_are_per_test_and_threshold_follows_config(recorder: Recorder,
-                                                           notifier: Notifier) -> None:
+def test_streaks_are_per_test_and_threshold_follows_config(
+    recorder: Recorder, notifier: Notifier
+) -> None:
     cfg = NotifyConfig(webhook=f"{recorder.base}/hook", after=1, timeout=2.0)
     fire(notifier, cfg, "http_error", T0, "Not Found", test="105")
     fire(notifier, cfg, "claimed-elsewhere", T0, test="106")  # neutral
     fire(notifier, cfg, "network_error", T0, "refused", test="106")
     notifier.close(5.0)
     assert [(h.json["test_id"], h.json["failures"]) for h in recorder.hits] == [
-        ("105", 1), ("106", 1)]
+        ("105", 1),
+        ("106", 1),
+    ]
 
 
 def test_no_urls_sends_nothing(recorder: Recorder, notifier: Notifier) -> None:
@@ -212,8 +242,12 @@ def test_refused_webhook_is_logged_and_never_raises(caplog: pytest.LogCaptureFix
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]  # closed again below: nothing listens there
-    cfg = NotifyConfig(webhook=f"http://127.0.0.1:{port}/hook/{SECRET}", after=1,
-                       ping_url=f"http://127.0.0.1:{port}/ping/{SECRET}", timeout=1.0)
+    cfg = NotifyConfig(
+        webhook=f"http://127.0.0.1:{port}/hook/{SECRET}",
+        after=1,
+        ping_url=f"http://127.0.0.1:{port}/ping/{SECRET}",
+        timeout=1.0,
+    )
     notifier = Notifier()
     with caplog.at_level(logging.WARNING, logger="scheduler.notify"):
         started = time.monotonic()
@@ -254,8 +288,15 @@ def test_calls_after_close_are_ignored(recorder: Recorder) -> None:
 
 def test_notify_config_problems() -> None:
     assert NotifyConfig().problems() == []
-    assert NotifyConfig(webhook="https://hooks.slack.com/services/x", ping_url="http://hc:8000/p",
-                        after=1, timeout=0.5).problems() == []
+    assert (
+        NotifyConfig(
+            webhook="https://hooks.slack.com/services/x",
+            ping_url="http://hc:8000/p",
+            after=1,
+            timeout=0.5,
+        ).problems()
+        == []
+    )
     bad = NotifyConfig(webhook="ftp://x", ping_url="hc-ping.com/abc", after=0, timeout=0)
     assert [key for key, _ in bad.problems()] == ["webhook", "ping_url", "after", "timeout"]
     assert NotifyConfig(after=True).problems()[0][0] == "after"  # type: ignore[arg-type]

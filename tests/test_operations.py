@@ -45,29 +45,39 @@ def scrape(port: int) -> dict[str, Any]:
 
 
 def value(family: Any, sample_name: str, **labels: str) -> float:
-    matches = [s.value for s in family.samples
-               if s.name == sample_name and all(s.labels.get(k) == v for k, v in labels.items())]
+    matches = [
+        s.value
+        for s in family.samples
+        if s.name == sample_name and all(s.labels.get(k) == v for k, v in labels.items())
+    ]
     assert matches, f"no {sample_name}{labels} in {family.samples}"
     return float(sum(matches))
 
 
-def test_metrics_and_healthz_of_a_running_daemon(tmp_path: Path, simulator, db_url,
-                                                 start_daemon):
+def test_metrics_and_healthz_of_a_running_daemon(tmp_path: Path, simulator, db_url, start_daemon):
     port = free_port()
-    config = write_config(tmp_path / "jobs.yaml", f"""\
+    config = write_config(
+        tmp_path / "jobs.yaml",
+        f"""\
 metrics:
   listen: 127.0.0.1:{port}
 jobs:
   - name: pulse
     tests: [105]
     schedule: {{every: 1s}}
-""", base_url=simulator.url, db_url=db_url)
+""",
+        base_url=simulator.url,
+        db_url=db_url,
+    )
     daemon = start_daemon(config)
 
     def successes() -> float:
         attempts = scrape(port).get("te_scheduler_attempts")
-        return value(attempts, "te_scheduler_attempts_total", job="pulse",
-                     outcome="success") if attempts and attempts.samples else 0.0
+        return (
+            value(attempts, "te_scheduler_attempts_total", job="pulse", outcome="success")
+            if attempts and attempts.samples
+            else 0.0
+        )
 
     # The call reaches the server a moment before its attempt is counted: poll the metric.
     daemon.wait_for_log("outcome=success")
@@ -86,8 +96,11 @@ jobs:
     assert value(lag, "te_scheduler_firing_lag_seconds_count") >= 3
     remaining = families["te_scheduler_rate_limit_remaining"]
     assert 0 <= value(remaining, "te_scheduler_rate_limit_remaining", bucket="instant-test") < 24
-    next_fire = value(families["te_scheduler_next_fire_timestamp_seconds"],
-                      "te_scheduler_next_fire_timestamp_seconds", job="pulse")
+    next_fire = value(
+        families["te_scheduler_next_fire_timestamp_seconds"],
+        "te_scheduler_next_fire_timestamp_seconds",
+        job="pulse",
+    )
     assert time.time() - 1 <= next_fire <= time.time() + 2
 
     healthy = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
@@ -133,18 +146,23 @@ class Webhook(ThreadingHTTPServer):
 
 
 def test_a_webhook_hears_once_of_a_failing_test_and_once_of_its_recovery(
-        tmp_path: Path, simulator, db_url, start_daemon):
+    tmp_path: Path, simulator, db_url, start_daemon
+):
     hook = Webhook()
-    simulator.add_rule("105", 500, '{"title": "Internal Server Error", "detail": "down"}',
-                       times=4)
-    config = write_config(tmp_path / "jobs.yaml", f"""\
+    simulator.add_rule("105", 500, '{"title": "Internal Server Error", "detail": "down"}', times=4)
+    config = write_config(
+        tmp_path / "jobs.yaml",
+        f"""\
 jobs:
   - name: pulse
     tests: [105]
     schedule: {{every: 1s}}
     retry: {{attempts: 1}}
     notify: {{webhook: "{hook.url}", after: 3}}
-""", base_url=simulator.url, db_url=db_url)
+""",
+        base_url=simulator.url,
+        db_url=db_url,
+    )
     daemon = start_daemon(config)
     wait_until(lambda: len(hook.messages) >= 2, timeout=30, what="a failure and a recovery")
     time.sleep(1.5)  # more successes must not send more messages
@@ -157,20 +175,28 @@ jobs:
     assert recovered["event"] == "recovered" and recovered["test_id"] == "105"
 
 
-def test_the_daemon_prunes_past_retention_in_the_background(tmp_path: Path, simulator, db_url,
-                                                            start_daemon):
+def test_the_daemon_prunes_past_retention_in_the_background(
+    tmp_path: Path, simulator, db_url, start_daemon
+):
     from datetime import datetime, timedelta, timezone
 
-    from scheduler import db, history
+    from scheduler.store import db, history
 
     engine = db.make_engine(db_url)
     db.upgrade(engine)
     old = datetime.now(timezone.utc) - timedelta(days=3)
     for n in range(450):  # more than one batch
-        key = history.AttemptKey(f"old-{n}", "gone", "105", None, "schedule",
-                                 old + timedelta(seconds=n), 1, "host:1")
-        history.record_attempt(engine, key, started_at=old + timedelta(seconds=n),
-                               outcome="success", error=None, status_code=200)
+        key = history.AttemptKey(
+            f"old-{n}", "gone", "105", None, "schedule", old + timedelta(seconds=n), 1, "host:1"
+        )
+        history.record_attempt(
+            engine,
+            key,
+            started_at=old + timedelta(seconds=n),
+            outcome="success",
+            error=None,
+            status_code=200,
+        )
     jobs = """\
 jobs:
   - name: pulse
@@ -181,8 +207,12 @@ jobs:
     cfg.write_text(cfg.read_text().replace("history:\n", "history:\n  retention: 1d\n"))
     daemon = start_daemon(cfg)
     daemon.wait_for_log("Pruned 450 history row(s) older than")
-    wait_until(lambda: any(r["job"] == "pulse" and r["outcome"] == "success"
-                           for r in history.query(engine)), what="the job firing meanwhile")
+    wait_until(
+        lambda: any(
+            r["job"] == "pulse" and r["outcome"] == "success" for r in history.query(engine)
+        ),
+        what="the job firing meanwhile",
+    )
     daemon.send(signal.SIGTERM)
     assert daemon.proc.wait(timeout=40) == 0
     assert {r["job"] for r in history.query(engine, limit=0)} == {"pulse"}

@@ -1,4 +1,4 @@
-"""scheduler.planner: the calls ``plan`` lists and the rate-limit forecast it warns with."""
+"""scheduler.timing.planner: the calls ``plan`` lists and the rate-limit forecast it warns with."""
 
 from __future__ import annotations
 
@@ -8,16 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from scheduler.config import ApiConfig, Config, HistoryConfig, Job, MetricsConfig, Rate, Schedule
+from scheduler.config import ApiConfig, Config, HistoryConfig, Job, MetricsConfig, Schedule
+from scheduler.config.model import Rate
 from scheduler.errors import UsageError
-from scheduler.planner import (
+from scheduler.timing.planner import (
     PlannedCall,
     build_plan,
     forecast_warnings,
     format_rate,
     peak_calls,
 )
-from scheduler.triggers import spread_offsets
+from scheduler.timing.triggers import spread_offsets
 
 UTC = timezone.utc
 DAY = datetime(2026, 5, 4, tzinfo=UTC)  # a Monday, far from any DST change
@@ -110,8 +111,9 @@ def test_bursts_of_several_jobs_add_up_and_name_the_jobs() -> None:
 def test_a_burst_of_many_jobs_names_ten_and_counts_the_rest() -> None:
     config = make_config(*(make_job(f"job{n:02}", 1) for n in range(40)))
     [warning] = build_plan(config, DAY).warnings
-    assert warning.endswith("(jobs job00, job01, job02, job03, job04, job05, job06, job07, "
-                            "job08, job09 and 30 more)"), warning
+    assert warning.endswith(
+        "(jobs job00, job01, job02, job03, job04, job05, job06, job07, job08, job09 and 30 more)"
+    ), warning
 
 
 def test_repeated_bursts_are_one_warning() -> None:

@@ -21,14 +21,15 @@ from typing import Any
 import pytest
 import requests
 
-from scheduler import clock, config, db, history
-from scheduler.client import CallResult, RateLimitBucket
-from scheduler.config import Rate
+from scheduler import clock, config
+from scheduler.api.client import CallResult, RateLimitBucket
+from scheduler.api.limiter import Limiter
+from scheduler.api.simulator import Simulator
+from scheduler.config.model import Rate
 from scheduler.daemon import Daemon
 from scheduler.errors import DatabaseError
-from scheduler.limiter import Limiter
 from scheduler.runner import instance_name
-from scheduler.simulator import Simulator
+from scheduler.store import db, history
 from tests.conftest import TOKEN, DaemonProcess, cli_env, run_cli, wait_until, write_config
 
 pytestmark = pytest.mark.slow
@@ -88,14 +89,14 @@ jobs:
 
 def start_idle(start_daemon: Any, cfg: Path, base_url: str, db_url: str) -> DaemonProcess:
     """A daemon up and running with nothing to do, whatever its start-up took."""
-    daemon: DaemonProcess = start_daemon(
-        write_config(cfg, IDLE, base_url=base_url, db_url=db_url))
+    daemon: DaemonProcess = start_daemon(write_config(cfg, IDLE, base_url=base_url, db_url=db_url))
     daemon.wait_for_log("waiting for a reload")
     return daemon
 
 
-def arm(daemon: DaemonProcess, cfg: Path, body: str, base_url: str, db_url: str,
-        api_extra: str = "") -> None:
+def arm(
+    daemon: DaemonProcess, cfg: Path, body: str, base_url: str, db_url: str, api_extra: str = ""
+) -> None:
     """Give a running daemon ``body`` by SIGHUP, so a slot due soon is not lost to start-up."""
     write_config(cfg, body, base_url=base_url, db_url=db_url, api_extra=api_extra)
     done = daemon.log.count("Reloaded ")
@@ -108,8 +109,9 @@ def start_with_options(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]
     """Like ``start_daemon``, with global options (``--log-level`` ...) before ``run``."""
     started: list[DaemonProcess] = []
 
-    def start(options: list[str], cfg: Path, *args: str,
-              env: dict[str, str] | None = None) -> DaemonProcess:
+    def start(
+        options: list[str], cfg: Path, *args: str, env: dict[str, str] | None = None
+    ) -> DaemonProcess:
         argv = ["-c", str(cfg), *options, "run", *args]
         started.append(DaemonProcess(argv, tmp_path, env or cli_env()))
         return started[-1]
@@ -144,8 +146,9 @@ jobs:
 """
 
 
-def start_burst(tmp_path: Path, sim: Simulator, start_daemon: Any,
-                name: str) -> tuple[DaemonProcess, Path, str]:
+def start_burst(
+    tmp_path: Path, sim: Simulator, start_daemon: Any, name: str
+) -> tuple[DaemonProcess, Path, str]:
     """An idle daemon of its own (folder ``name``): the process, its config and database."""
     folder = tmp_path / name
     folder.mkdir()
@@ -158,8 +161,9 @@ def burst_done(sim: Simulator, db_url: str) -> bool:
     return len(sim.requests) >= 15 and all(r["outcome"] != "pending" for r in rows_so_far(db_url))
 
 
-def test_a_burst_of_15_is_paced_into_the_servers_windows_with_no_429(tmp_path, start_daemon,
-                                                                     make_sim):
+def test_a_burst_of_15_is_paced_into_the_servers_windows_with_no_429(
+    tmp_path, start_daemon, make_sim
+):
     # Two daemons at once, each with its own simulator (5 calls per 4 s window): one with the
     # budget set to the server's limit, one with the default budget (24/min), which only the
     # server's rate-limit headers can lower.
@@ -170,8 +174,11 @@ def test_a_burst_of_15_is_paced_into_the_servers_windows_with_no_429(tmp_path, s
     body = BURST.format(tests=tests, start=slot_in(1.5).isoformat())  # 15 tests due at once
     arm(first, first_cfg, body, matched.url, first_db, api_extra="  rate_limit: 5/4s\n")
     arm(second, second_cfg, body, default.url, second_db)
-    wait_until(lambda: burst_done(matched, first_db) and burst_done(default, second_db),
-               timeout=40, what="15 calls through each daemon")
+    wait_until(
+        lambda: burst_done(matched, first_db) and burst_done(default, second_db),
+        timeout=40,
+        what="15 calls through each daemon",
+    )
     assert first.stop() == 0 and second.stop() == 0
     ideal = (math.ceil(15 / 5) - 1) * 4.0
     for label, sim, db_url in (("5/4s", matched, first_db), ("24/min", default, second_db)):
@@ -179,8 +186,9 @@ def test_a_burst_of_15_is_paced_into_the_servers_windows_with_no_429(tmp_path, s
         received = [r.received_at for r in sim.requests]
         span = max(received) - min(received)
         too_many = sum(1 for r in found if r["status_code"] == 429)
-        print(f"\npacing, budget {label}: {too_many} x 429, makespan {span:.2f}s "
-              f"(ideal {ideal:.0f}s)")
+        print(
+            f"\npacing, budget {label}: {too_many} x 429, makespan {span:.2f}s (ideal {ideal:.0f}s)"
+        )
         assert too_many == 0, label
         assert [r["outcome"] for r in found] == ["success"] * 15, label  # one row per call
         assert len({r["test_id"] for r in found}) == 15
@@ -201,8 +209,9 @@ def exhaust(sim: Simulator, min_left: float) -> float:
     while True:
         reset = None
         for _ in range(100):
-            answer = requests.post(f"{sim.url}/tests/999/run",
-                                   headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5)
+            answer = requests.post(
+                f"{sim.url}/tests/999/run", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5
+            )
             if answer.status_code == 429:
                 reset = float(answer.headers["X-Instant-Test-Rate-Limit-Reset"])
                 break
@@ -212,11 +221,17 @@ def exhaust(sim: Simulator, min_left: float) -> float:
         time.sleep(max(0.0, reset - time.time()) + 0.3)  # a fresh window, then try again
 
 
-def test_a_429_pauses_every_call_on_the_token_until_the_reset(tmp_path, db_url, start_daemon,
-                                                               make_sim):
+def test_a_429_pauses_every_call_on_the_token_until_the_reset(
+    tmp_path, db_url, start_daemon, make_sim
+):
     sim = make_sim(instant_limit=20, window=3.0)
-    cfg = write_config(tmp_path / "jobs.yaml", PAIR, base_url=sim.url, db_url=db_url,
-                       api_extra="  rate_limit: 20/3s\n")
+    cfg = write_config(
+        tmp_path / "jobs.yaml",
+        PAIR,
+        base_url=sim.url,
+        db_url=db_url,
+        api_extra="  rate_limit: 20/3s\n",
+    )
     daemon = start_daemon(cfg)
     wait_until(lambda: len(calls_to(sim, "105")) >= 2, what="steady firing")
     reset = exhaust(sim, min_left=1.8)  # another client on the same token empties the window
@@ -249,8 +264,9 @@ def integrity(path: Path) -> str:
         return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
 
 
-def test_kill_9_mid_call_leaves_pending_which_the_next_start_interrupts(tmp_path, simulator,
-                                                                        db_url, start_daemon):
+def test_kill_9_mid_call_leaves_pending_which_the_next_start_interrupts(
+    tmp_path, simulator, db_url, start_daemon
+):
     simulator.add_rule("105", 200, delay=5)
     cfg = tmp_path / "jobs.yaml"
     daemon = start_idle(start_daemon, cfg, simulator.url, db_url)
@@ -273,15 +289,17 @@ def test_kill_9_mid_call_leaves_pending_which_the_next_start_interrupts(tmp_path
     assert integrity(tmp_path / "history.db") == "ok"
 
 
-def test_pending_rows_under_our_own_name_are_orphans_at_start(tmp_path, simulator, engine,
-                                                                monkeypatch):
+def test_pending_rows_under_our_own_name_are_orphans_at_start(
+    tmp_path, simulator, engine, monkeypatch
+):
     # A restarted container is PID 1 on the same host name again: "host:1" then and now.
     monkeypatch.setenv("TE_TEST_TOKEN", TOKEN)
     past = datetime(2020, 1, 1, tzinfo=timezone.utc)
     key = history.AttemptKey("r1", "once", "105", None, "schedule", past, 1, instance_name())
     history.start_attempt(engine, key, datetime.now(timezone.utc))  # just now: not stale
-    cfg = write_config(tmp_path / "jobs.yaml", ONCE.format(at=past.isoformat()),
-                       base_url=simulator.url)
+    cfg = write_config(
+        tmp_path / "jobs.yaml", ONCE.format(at=past.isoformat()), base_url=simulator.url
+    )
     daemon = Daemon(config.load(cfg), engine)
     daemon.start()
     try:
@@ -299,8 +317,9 @@ jobs:
 """
 
 
-def test_a_failing_database_is_logged_loudly_and_the_daemon_keeps_running(tmp_path, simulator,
-                                                                         db_url, start_daemon):
+def test_a_failing_database_is_logged_loudly_and_the_daemon_keeps_running(
+    tmp_path, simulator, db_url, start_daemon
+):
     cfg = write_config(tmp_path / "jobs.yaml", PULSE, base_url=simulator.url, db_url=db_url)
     daemon = start_daemon(cfg)
     wait_until(lambda: finished(db_url, "105"), what="a first call")
@@ -315,8 +334,13 @@ def test_a_failing_database_is_logged_loudly_and_the_daemon_keeps_running(tmp_pa
     with sqlite3.connect(path, timeout=10) as conn:
         conn.execute("ALTER TABLE attempts_away RENAME TO attempts")
     restored = time.time()
-    wait_until(lambda: any(r["outcome"] == "success" and r["started_at"].timestamp() > restored
-                           for r in rows_so_far(db_url)), what="rows after the database is back")
+    wait_until(
+        lambda: any(
+            r["outcome"] == "success" and r["started_at"].timestamp() > restored
+            for r in rows_so_far(db_url)
+        ),
+        what="rows after the database is back",
+    )
     assert daemon.proc.poll() is None
     assert daemon.stop() == 0
     log = daemon.log
@@ -328,25 +352,37 @@ def test_a_failing_database_is_logged_loudly_and_the_daemon_keeps_running(tmp_pa
 
 
 # -- 3. overlap ----------------------------------------------------------------------------
-def test_a_firing_that_finds_the_previous_one_running_is_skipped(tmp_path, simulator, db_url,
-                                                                  start_daemon):
+def test_a_firing_that_finds_the_previous_one_running_is_skipped(
+    tmp_path, simulator, db_url, start_daemon
+):
     body = PULSE.replace("[105]", "[105, 106]")
     cfg = write_config(tmp_path / "jobs.yaml", body, base_url=simulator.url, db_url=db_url)
     daemon = start_daemon(cfg)
     # After the first answers: the very first call on a token goes alone, as the limiter's probe.
     wait_until(lambda: finished(db_url, "105") and finished(db_url, "106"), what="first calls")
     simulator.add_rule("105", 200, delay=2.6)
-    wait_until(lambda: len(of(rows_so_far(db_url), test_id="105", outcome="skipped")) >= 2,
-               what="skipped firings")
-    wait_until(lambda: [r for r in rows_so_far(db_url) if r["test_id"] == "105"
-                        and (r["duration_ms"] or 0) >= 2500], what="the slow call to finish")
+    wait_until(
+        lambda: len(of(rows_so_far(db_url), test_id="105", outcome="skipped")) >= 2,
+        what="skipped firings",
+    )
+    wait_until(
+        lambda: [
+            r
+            for r in rows_so_far(db_url)
+            if r["test_id"] == "105" and (r["duration_ms"] or 0) >= 2500
+        ],
+        what="the slow call to finish",
+    )
     assert daemon.stop() == 0
     found = rows(db_url)
     slow = max(of(found, test_id="105", outcome="success"), key=lambda r: r["duration_ms"])
     assert slow["duration_ms"] >= 2500
     skipped = of(found, test_id="105", outcome="skipped")
-    assert all(s["error"].startswith("previous firing (run ") and
-               s["error"].endswith("of this test still running") for s in skipped)
+    assert all(
+        s["error"].startswith("previous firing (run ")
+        and s["error"].endswith("of this test still running")
+        for s in skipped
+    )
     assert all(s["status_code"] is None for s in skipped)
     assert len([s for s in skipped if s["scheduled_for"] > slow["scheduled_for"]]) >= 2
     # Only one call to 105 while it ran; 106 kept its own pace meanwhile.
@@ -365,24 +401,45 @@ jobs:
 """
 
 
-def test_the_token_never_reaches_logs_history_or_help(tmp_path, db_url, start_with_options,
-                                                      make_sim):
+def test_the_token_never_reaches_logs_history_or_help(
+    tmp_path, db_url, start_with_options, make_sim
+):
     sim = make_sim(token=SECRET)
-    sim.add_rule("105", 401, json.dumps({"error": "invalid_token",
-                                         "error_description": f"token {SECRET} expired"}),
-                 times=None)
-    sim.add_rule("106", 500, json.dumps({"title": "Internal Server Error",
-                                         "detail": f"got Authorization: Bearer {SECRET}"}),
-                 times=None)
-    sim.add_rule("107", 502, f"<html><body><h1>Bad Gateway</h1>Bearer {SECRET}</body></html>",
-                 headers={"Content-Type": "text/html", "X-Echo": SECRET}, times=None)
+    sim.add_rule(
+        "105",
+        401,
+        json.dumps({"error": "invalid_token", "error_description": f"token {SECRET} expired"}),
+        times=None,
+    )
+    sim.add_rule(
+        "106",
+        500,
+        json.dumps(
+            {"title": "Internal Server Error", "detail": f"got Authorization: Bearer {SECRET}"}
+        ),
+        times=None,
+    )
+    sim.add_rule(
+        "107",
+        502,
+        f"<html><body><h1>Bad Gateway</h1>Bearer {SECRET}</body></html>",
+        headers={"Content-Type": "text/html", "X-Echo": SECRET},
+        times=None,
+    )
     cfg = write_config(tmp_path / "jobs.yaml", ECHO, base_url=sim.url, db_url=db_url)
     env = cli_env(TE_TEST_TOKEN=SECRET)
     daemon = start_with_options(["--log-level", "debug", "--log-format", "json"], cfg, env=env)
     retried = ("106", "107")
-    wait_until(lambda: finished(db_url, "105") and finished(db_url, "108") and all(
-        of(rows_so_far(db_url), test_id=t, attempt=2, outcome="http_error") for t in retried),
-        what="answers (and retries) for every test")
+    wait_until(
+        lambda: (
+            finished(db_url, "105")
+            and finished(db_url, "108")
+            and all(
+                of(rows_so_far(db_url), test_id=t, attempt=2, outcome="http_error") for t in retried
+            )
+        ),
+        what="answers (and retries) for every test",
+    )
     assert daemon.stop() == 0
     assert sim.requests[0].header("Authorization") == f"Bearer {SECRET}"  # it was sent
     assert SECRET not in daemon.log
@@ -391,7 +448,8 @@ def test_the_token_never_reaches_logs_history_or_help(tmp_path, db_url, start_wi
     # Redacted in place: the reason stays readable.
     assert of(found, test_id="105")[0]["error"] == "invalid_token: token *** expired"
     assert of(found, test_id="106")[0]["error"] == (
-        "Internal Server Error: got Authorization: Bearer ***")
+        "Internal Server Error: got Authorization: Bearer ***"
+    )
     assert of(found, test_id="107")[0]["error"] == "Bad Gateway Bearer ***"
     for args in (("--help",), ("run", "--help"), ("-c", str(cfg), "validate")):
         shown = run_cli(*args, env=env)
@@ -437,15 +495,22 @@ def reset_headers(remaining: str, reset: str) -> dict[str, str]:
 def test_garbage_answers_become_recorded_outcomes(tmp_path, simulator, db_url, start_daemon):
     past = str(int(time.time()) - 3600)
     simulator.add_rule("201", 502, NGINX_502, headers={"Content-Type": "text/html"}, times=None)
-    simulator.add_rule("202", 500, '{"title": "Internal', times=None,
-                       headers={"Content-Type": "application/problem+json"})
+    simulator.add_rule(
+        "202",
+        500,
+        '{"title": "Internal',
+        times=None,
+        headers={"Content-Type": "application/problem+json"},
+    )
     simulator.add_rule("203", 503, b"x" * 5_000_000, times=None)
     simulator.add_rule("204", 200, headers=reset_headers("abc", "abc"), times=None)
     simulator.add_rule("205", 200, headers=reset_headers("0", past), times=None)
     cfg = write_config(tmp_path / "jobs.yaml", GARBAGE, base_url=simulator.url, db_url=db_url)
     daemon = start_daemon(cfg)
-    wait_until(lambda: all(finished(db_url, str(t)) for t in range(201, 208)),
-               what="an answer for every test")
+    wait_until(
+        lambda: all(finished(db_url, str(t)) for t in range(201, 208)),
+        what="an answer for every test",
+    )
     found = [r for r in rows(db_url) if r["outcome"] not in ("pending", "skipped")]
     assert {r["status_code"] for r in of(found, test_id="201")} == {502}
     assert of(found, test_id="201")[0]["error"] == "502 Bad Gateway 502 Bad Gateway nginx"
@@ -469,4 +534,3 @@ def test_garbage_answers_become_recorded_outcomes(tmp_path, simulator, db_url, s
     assert {r["outcome"] for r in of(found, status_code=429)} == {"rate_limited"}
     assert not of(found, outcome="pending")
     assert "Traceback" not in daemon.log
-

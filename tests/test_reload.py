@@ -57,8 +57,9 @@ def calls_after(sim, test_id: str, moment: float) -> list[float]:  # type: ignor
     return [t for t in calls_to(sim, test_id) if t > moment]
 
 
-def test_sighup_applies_a_new_config_and_a_bad_one_keeps_the_schedule(tmp_path, simulator,
-                                                                       db_url, start_daemon):
+def test_sighup_applies_a_new_config_and_a_bad_one_keeps_the_schedule(
+    tmp_path, simulator, db_url, start_daemon
+):
     cfg = write_config(tmp_path / "jobs.yaml", KEEP, base_url=simulator.url, db_url=db_url)
     daemon = start_daemon(cfg)
     wait_until(lambda: finished(db_url, "105"), what="a first call")
@@ -73,12 +74,20 @@ def test_sighup_applies_a_new_config_and_a_bad_one_keeps_the_schedule(tmp_path, 
     daemon.send(signal.SIGHUP)
     daemon.wait_for_log("rejected")
     rejected = time.time()
-    wait_until(lambda: calls_after(simulator, "105", rejected + 0.1)
-               and calls_after(simulator, "106", rejected + 0.1), what="the old schedule")
+    wait_until(
+        lambda: (
+            calls_after(simulator, "105", rejected + 0.1)
+            and calls_after(simulator, "106", rejected + 0.1)
+        ),
+        what="the old schedule",
+    )
     assert daemon.stop() == 0
     log = daemon.log
-    assert re.search(rf"Reload \(SIGHUP\) rejected, keeping the running schedule: "
-                     rf"{re.escape(str(cfg))}:{line_no}:\d+: jobs\[2\]\.schedule\.every: ", log)
+    assert re.search(
+        rf"Reload \(SIGHUP\) rejected, keeping the running schedule: "
+        rf"{re.escape(str(cfg))}:{line_no}:\d+: jobs\[2\]\.schedule\.every: ",
+        log,
+    )
     assert len(reloads(log)) == 1 and not calls_to(simulator, "107")
     assert "Traceback" not in log
 
@@ -137,8 +146,9 @@ def test_watch_follows_a_configmap_symlink_swap(tmp_path, simulator, db_url, sta
     assert "rejected" not in daemon.log  # the old folder vanished under us: never read
 
 
-def test_unchanged_jobs_keep_their_slots_while_others_come_and_go(tmp_path, simulator, db_url,
-                                                                 start_daemon):
+def test_unchanged_jobs_keep_their_slots_while_others_come_and_go(
+    tmp_path, simulator, db_url, start_daemon
+):
     cfg = write_config(tmp_path / "jobs.yaml", KEEP, base_url=simulator.url, db_url=db_url)
     daemon = start_daemon(cfg)
     wait_until(lambda: finished(db_url, "105"), what="a first call")
@@ -158,8 +168,10 @@ def test_unchanged_jobs_keep_their_slots_while_others_come_and_go(tmp_path, simu
     removed = time.time()
     time.sleep(1.5)
     assert daemon.stop() == 0
-    changes = [int(re.search(r"(\d+) schedule change", line)[1])  # type: ignore[index]
-               for line in reloads(daemon.log)]
+    changes = [
+        int(re.search(r"(\d+) schedule change", line)[1])  # type: ignore[index]
+        for line in reloads(daemon.log)
+    ]
     assert changes == [1, 1, 0, 1]  # "keep" was never rescheduled
     slots = sorted(r["scheduled_for"] for r in of(rows(db_url), test_id="105"))
     # One firing per second, none lost or doubled across four reloads.
@@ -180,8 +192,10 @@ def test_a_reload_never_cuts_a_call_in_flight(tmp_path, simulator, db_url, start
     daemon.send(signal.SIGHUP)
     daemon.wait_for_log("Reloaded")
     reloaded = time.time()
-    wait_until(lambda: [r for r in of(rows(db_url), test_id="105")
-                        if (r["duration_ms"] or 0) >= 2400], what="the slow call's answer")
+    wait_until(
+        lambda: [r for r in of(rows(db_url), test_id="105") if (r["duration_ms"] or 0) >= 2400],
+        what="the slow call's answer",
+    )
     assert daemon.stop() == 0
     slow = max(of(rows(db_url), test_id="105"), key=lambda r: r["duration_ms"] or 0)
     assert (slow["outcome"], slow["status_code"]) == ("success", 200)
@@ -200,9 +214,14 @@ def test_a_settings_only_change_applies_from_the_next_firing_without_reschedulin
     daemon.send(signal.SIGHUP)
     daemon.wait_for_log("Reloaded")
     reloaded = time.time()
-    wait_until(lambda: [r for r in list(simulator.requests)
-                        if r.received_at > reloaded + 0.1 and r.query.get("aid") == ["77"]],
-               what="a call with the new account group")
+    wait_until(
+        lambda: [
+            r
+            for r in list(simulator.requests)
+            if r.received_at > reloaded + 0.1 and r.query.get("aid") == ["77"]
+        ],
+        what="a call with the new account group",
+    )
     assert daemon.stop() == 0
     [line] = reloads(daemon.log)
     assert "0 schedule change" in line  # the same slots: nothing was rescheduled

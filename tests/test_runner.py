@@ -7,11 +7,13 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from scheduler import clock, history
-from scheduler.client import Caller
-from scheduler.config import ApiConfig, Job, Rate, RetryPolicy, Schedule
-from scheduler.limiter import Limiter
+from scheduler import clock
+from scheduler.api.client import Caller
+from scheduler.api.limiter import Limiter
+from scheduler.config import ApiConfig, Job, RetryPolicy, Schedule
+from scheduler.config.model import Rate
 from scheduler.runner import Firing, Runner
+from scheduler.store import history
 from tests.conftest import TOKEN
 
 SLOT = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)

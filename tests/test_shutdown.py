@@ -7,8 +7,9 @@ import time
 
 import pytest
 
-from scheduler import config, daemon, history
+from scheduler import config, daemon
 from scheduler.daemon import Daemon
+from scheduler.store import history
 from tests.conftest import TOKEN, wait_until, write_config
 from tests.test_reliability import calls_to, finished, of, rows, rows_so_far
 
@@ -28,8 +29,9 @@ jobs:
 """
 
 
-def test_sigterm_lets_the_call_in_flight_finish_and_starts_nothing_new(tmp_path, simulator,
-                                                                       db_url, start_daemon):
+def test_sigterm_lets_the_call_in_flight_finish_and_starts_nothing_new(
+    tmp_path, simulator, db_url, start_daemon
+):
     cfg = write_config(tmp_path / "jobs.yaml", PAIR, base_url=simulator.url, db_url=db_url)
     daemon_ = start_daemon(cfg)
     wait_until(lambda: finished(db_url, "105") and finished(db_url, "106"), what="first calls")
@@ -51,13 +53,16 @@ def test_sigterm_lets_the_call_in_flight_finish_and_starts_nothing_new(tmp_path,
     assert "Shutting down: no new firings" in daemon_.log and "Stopped" in daemon_.log
 
 
-def test_a_second_sigint_stops_at_once_and_records_the_call_interrupted(tmp_path, simulator,
-                                                                        db_url, start_daemon):
+def test_a_second_sigint_stops_at_once_and_records_the_call_interrupted(
+    tmp_path, simulator, db_url, start_daemon
+):
     simulator.add_rule("105", 200, delay=20, times=None)
     cfg = write_config(tmp_path / "jobs.yaml", SLOW, base_url=simulator.url, db_url=db_url)
     daemon_ = start_daemon(cfg)
-    wait_until(lambda: simulator.requests and of(rows_so_far(db_url), outcome="pending"),
-               what="a call in flight")
+    wait_until(
+        lambda: simulator.requests and of(rows_so_far(db_url), outcome="pending"),
+        what="a call in flight",
+    )
     daemon_.send(signal.SIGINT)
     daemon_.wait_for_log("Shutting down")
     time.sleep(0.3)  # well inside the 30 s drain
@@ -73,8 +78,9 @@ def test_a_second_sigint_stops_at_once_and_records_the_call_interrupted(tmp_path
     assert len(simulator.requests) == 1
 
 
-def test_signals_repeated_while_the_process_exits_keep_exit_code_zero(tmp_path, simulator,
-                                                                      db_url, start_daemon):
+def test_signals_repeated_while_the_process_exits_keep_exit_code_zero(
+    tmp_path, simulator, db_url, start_daemon
+):
     # Supervisors repeat themselves; once "Stopped" is logged, a late signal must not turn the
     # clean exit into a kill (-15) while the interpreter winds down.
     cfg = write_config(tmp_path / "jobs.yaml", PAIR, base_url=simulator.url, db_url=db_url)

@@ -13,8 +13,8 @@ import pytest
 import requests
 
 from scheduler import clock
+from scheduler.api.simulator import Simulator
 from scheduler.errors import UsageError
-from scheduler.simulator import Simulator
 
 START = datetime(2026, 1, 1, tzinfo=timezone.utc)
 T0 = 1767225600  # START as Unix seconds

@@ -1,4 +1,4 @@
-"""scheduler.triggers against SPEC section 5 "Time": the DST table, cron, every, at, spread.
+"""scheduler.timing.triggers against SPEC section 5 "Time": the DST table, cron, every, at, spread.
 
 The DST table follows APScheduler's ``test_dst_change`` (every case checked three ways: no
 previous fire, previous == start, and iterating) and cronsim's ``TestDstTransitions``. Times are
@@ -27,13 +27,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scheduler.config import Job, Schedule
-from scheduler.triggers import (
-    CRON_ALIASES,
+from scheduler.timing.cron import CRON_ALIASES, check_cron
+from scheduler.timing.triggers import (
     AtTrigger,
     EveryTrigger,
     SpreadTrigger,
     build_trigger,
-    check_cron,
     iter_slots,
     spread_offsets,
 )
@@ -727,7 +726,7 @@ def test_spread_offsets_are_the_same_in_a_fresh_interpreter() -> None:
     code = (
         "from datetime import timedelta\n"
         "from scheduler.config import Job, Schedule\n"
-        "from scheduler.triggers import spread_offsets\n"
+        "from scheduler.timing.triggers import spread_offsets\n"
         f"job = Job(name='dns-business-hours', tests={tests!r},\n"
         "          schedule=Schedule(every=timedelta(minutes=15)), spread=timedelta(minutes=5))\n"
         "print(sorted((t, o.total_seconds()) for t, o in spread_offsets(job).items()))\n"

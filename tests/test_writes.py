@@ -1,4 +1,4 @@
-"""The prepared hot-path writes (scheduler.writes) against Core, on real SQLite and PostgreSQL."""
+"""The prepared hot-path writes (scheduler.store.writes) against Core, on real SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from scheduler import db, history
 from scheduler.errors import DatabaseError
-from scheduler.history import AttemptKey, attempts
-from scheduler.writes import prepared_writes
+from scheduler.store import db, history
+from scheduler.store.history import AttemptKey, attempts
+from scheduler.store.writes import prepared_writes
 from tests.postgres import any_engine, postgres_server, postgres_url  # noqa: F401
 
 T0 = datetime(2026, 3, 29, 0, 59, 59, 999999, tzinfo=timezone.utc)
@@ -26,8 +26,14 @@ def engine(any_engine: sa.Engine) -> sa.Engine:  # noqa: F811
 
 def key(n: int, **changes: Any) -> AttemptKey:
     values: dict[str, Any] = {
-        "run_id": f"run-{n}", "job": "dns 'quoted' \"job\"", "test_id": "105", "aid": None,
-        "trigger": "schedule", "scheduled_for": T0, "attempt": n, "instance": "host:1",
+        "run_id": f"run-{n}",
+        "job": "dns 'quoted' \"job\"",
+        "test_id": "105",
+        "aid": None,
+        "trigger": "schedule",
+        "scheduled_for": T0,
+        "attempt": n,
+        "instance": "host:1",
     }
     values.update(changes)
     return AttemptKey(**values)
@@ -42,15 +48,26 @@ def raw_rows(engine: sa.Engine) -> list[tuple[Any, ...]]:
 def test_a_row_written_by_the_prepared_path_is_the_row_core_writes(engine: sa.Engine) -> None:
     berlin = T0.astimezone(timezone(timedelta(hours=2)))
     values = {
-        "run_id": "r", "job": "dns", "test_id": "105", "aid": "7", "trigger": "manual",
-        "scheduled_for": berlin, "attempt": 1, "started_at": berlin, "finished_at": None,
-        "status_code": None, "outcome": "pending", "error": None, "duration_ms": None,
+        "run_id": "r",
+        "job": "dns",
+        "test_id": "105",
+        "aid": "7",
+        "trigger": "manual",
+        "scheduled_for": berlin,
+        "attempt": 1,
+        "started_at": berlin,
+        "finished_at": None,
+        "status_code": None,
+        "outcome": "pending",
+        "error": None,
+        "duration_ms": None,
         "instance": "h:1",
     }
     with engine.begin() as conn:  # Core, the reference
         conn.execute(sa.insert(attempts).values(values))
-    prepared = prepared_writes(engine, attempts, conflict_key=("job", "test_id",
-                                                               "scheduled_for", "attempt"))
+    prepared = prepared_writes(
+        engine, attempts, conflict_key=("job", "test_id", "scheduled_for", "attempt")
+    )
     assert prepared is not None
     new_id = prepared.insert({**values, "attempt": 2})
     core_row, our_row = raw_rows(engine)
@@ -58,8 +75,13 @@ def test_a_row_written_by_the_prepared_path_is_the_row_core_writes(engine: sa.En
     assert our_row[1:7] + our_row[8:] == core_row[1:7] + core_row[8:]  # all but id and attempt
     assert (core_row[7], our_row[7]) == (1, 2)
 
-    finished = {"finished_at": berlin, "outcome": "success", "status_code": 200,
-                "error": "é\n'", "duration_ms": 12}
+    finished = {
+        "finished_at": berlin,
+        "outcome": "success",
+        "status_code": 200,
+        "error": "é\n'",
+        "duration_ms": 12,
+    }
     assert prepared.finish(finished, new_id) == 1
     with engine.begin() as conn:
         conn.execute(sa.update(attempts).where(attempts.c.id == core_row[0]).values(finished))
@@ -71,11 +93,23 @@ def test_start_and_finish_through_history_claim_once_and_complete(engine: sa.Eng
     first = history.start_attempt(engine, key(1), T0)
     assert first is not None
     assert history.start_attempt(engine, key(1, run_id="other", instance="host:2"), T0) is None
-    history.finish_attempt(engine, first, finished_at=T0 + timedelta(seconds=1),
-                           outcome="http_error", status_code=503, error="busy", duration_ms=40)
+    history.finish_attempt(
+        engine,
+        first,
+        finished_at=T0 + timedelta(seconds=1),
+        outcome="http_error",
+        status_code=503,
+        error="busy",
+        duration_ms=40,
+    )
     [row] = history.query(engine)
     assert (row["id"], row["run_id"], row["outcome"], row["status_code"], row["error"]) == (
-        first, "run-1", "http_error", 503, "busy")
+        first,
+        "run-1",
+        "http_error",
+        503,
+        "busy",
+    )
     assert row["scheduled_for"] == T0 and row["finished_at"] == T0 + timedelta(seconds=1)
 
 

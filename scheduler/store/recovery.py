@@ -18,9 +18,10 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from scheduler import history, instances
-from scheduler.config import Job
-from scheduler.db import translate_errors
+from scheduler.clock import ONE_US
+from scheduler.config.model import Job
+from scheduler.store import history, instances
+from scheduler.store.db import translate_errors
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,12 @@ INTERRUPTED = (
 
 
 def interrupt_orphans(
-    engine: Engine, *, me: str, now: datetime, timeout: float, starting: bool,
+    engine: Engine,
+    *,
+    me: str,
+    now: datetime,
+    timeout: float,
+    starting: bool,
     stale_after: timedelta = instances.STALE_AFTER,
 ) -> int:
     """Mark the pending rows of dead owners ``interrupted``; returns how many.
@@ -60,7 +66,8 @@ def interrupt_orphans(
     )
     if marked:
         log.warning(
-            "Marked %d attempt(s) left pending by %s as interrupted", marked,
+            "Marked %d attempt(s) left pending by %s as interrupted",
+            marked,
             ", ".join(sorted(dead)),
         )
     return marked
@@ -101,7 +108,7 @@ def last_accounted_by_job(engine: Engine) -> dict[str, datetime]:
                 latest[job] = max(fired, latest.get(job, fired))
         for job, missed_at in conn.execute(_LAST_MISSED):
             if missed_at is not None:
-                covered = missed_at - _ONE_US
+                covered = missed_at - ONE_US
                 latest[job] = max(covered, latest.get(job, covered))
     return latest
 
@@ -113,8 +120,11 @@ def _latest_fired_query() -> sa.Select[str, datetime | None]:
     fired = history.attempts.alias("fired")
     newest = (
         sa.select(fired.c.scheduled_for)
-        .where(fired.c.job == pairs.c.job, fired.c.test_id == pairs.c.test_id,
-               fired.c.trigger.in_(("schedule", "catch-up")))  # a manual run is no slot
+        .where(
+            fired.c.job == pairs.c.job,
+            fired.c.test_id == pairs.c.test_id,
+            fired.c.trigger.in_(("schedule", "catch-up")),
+        )  # a manual run is no slot
         .order_by(fired.c.scheduled_for.desc())
         .limit(1)
         .scalar_subquery()
@@ -128,21 +138,35 @@ def _last_missed_query() -> sa.Select[str, datetime | None]:
     return sa.select(c.job, sa.func.max(c.started_at)).where(c.outcome == "missed").group_by(c.job)
 
 
-_ONE_US = timedelta(microseconds=1)
 _LATEST_FIRED = _latest_fired_query()
 _LAST_MISSED = _last_missed_query()
 
 
 def record_missed(
-    engine: Engine, *, job: Job, test_id: str, instance: str, now: datetime,
-    first: datetime, last: datetime, count: int, why: str, counted_all: bool = True,
+    engine: Engine,
+    *,
+    job: Job,
+    test_id: str,
+    instance: str,
+    now: datetime,
+    first: datetime,
+    last: datetime,
+    count: int,
+    why: str,
+    counted_all: bool = True,
 ) -> str:
     """Write one ``missed`` row summing up ``count`` slots; returns its ``error`` text."""
     more = "" if counted_all else "at least "
     error = f"{more}{count} firing(s) missed from {first.isoformat()} to {last.isoformat()}: {why}"
     key = history.AttemptKey(
-        run_id=uuid.uuid4().hex, job=job.name, test_id=test_id, aid=job.aid,
-        trigger="schedule", scheduled_for=first, attempt=1, instance=instance,
+        run_id=uuid.uuid4().hex,
+        job=job.name,
+        test_id=test_id,
+        aid=job.aid,
+        trigger="schedule",
+        scheduled_for=first,
+        attempt=1,
+        instance=instance,
     )
     history.record_attempt(
         engine, key, started_at=now, finished_at=now, outcome="missed", error=error

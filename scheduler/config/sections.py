@@ -15,7 +15,7 @@ from typing import Any
 
 from cronsim import CronSim
 
-from scheduler.addresses import (
+from scheduler.config.addresses import (
     as_base_url,
     as_db_url,
     as_env_name,
@@ -25,21 +25,19 @@ from scheduler.addresses import (
     as_proxy,
     resolve_sqlite,
 )
-from scheduler.config import (
+from scheduler.config.checker import Checker
+from scheduler.config.model import (
     DEFAULT_TOKEN_ENV,
     ApiConfig,
-    Checker,
     Config,
     HistoryConfig,
     Job,
     MetricsConfig,
+    NotifyConfig,
     RetryPolicy,
     Schedule,
 )
-from scheduler.messages import Key, describe
-from scheduler.notify import NotifyConfig
-from scheduler.triggers import check_cron, format_duration
-from scheduler.values import (
+from scheduler.config.scalars import (
     ZERO,
     as_bool,
     as_cron,
@@ -55,10 +53,20 @@ from scheduler.values import (
     as_timezone,
     as_version,
 )
+from scheduler.config.wording import Key, describe
+from scheduler.timing.cron import check_cron, format_duration
 
 _TOP_KEYS = ("version", "api", "history", "metrics", "defaults", "jobs")
-_API_KEYS = ("base_url", "token_env", "token_file", "timeout", "concurrency", "rate_limit",
-             "verify_tls", "proxy")
+_API_KEYS = (
+    "base_url",
+    "token_env",
+    "token_file",
+    "timeout",
+    "concurrency",
+    "rate_limit",
+    "verify_tls",
+    "proxy",
+)
 _DEFAULT_KEYS = ("aid", "timezone", "retry", "catch_up", "spread", "notify")
 _RETRY_KEYS = ("attempts", "backoff", "max_backoff")
 _NOTIFY_KEYS = ("webhook", "after", "ping_url", "timeout")
@@ -87,8 +95,11 @@ def build_config(ck: Checker, path: Path, root: Any) -> Config | None:
     if root is None and ck.problems:
         return None
     if not isinstance(root, dict):
-        ck.error((), f"the top level must be a mapping with keys {', '.join(_TOP_KEYS)}, "
-                     f"got {describe(root)}")
+        ck.error(
+            (),
+            f"the top level must be a mapping with keys {', '.join(_TOP_KEYS)}, "
+            f"got {describe(root)}",
+        )
         return None
     top = ck.mapping((), root, _TOP_KEYS) or {}
     ck.get((), top, "version", as_version, 1)
@@ -97,8 +108,9 @@ def build_config(ck: Checker, path: Path, root: Any) -> Config | None:
         path=path,
         api=_api(ck, ck.section(top, "api", _API_KEYS), base),
         history=_history(ck, ck.section(top, "history", ("url", "retention")), base),
-        metrics=MetricsConfig(ck.get(("metrics",), ck.section(top, "metrics", ("listen",)),
-                                     "listen", as_listen, None)),
+        metrics=MetricsConfig(
+            ck.get(("metrics",), ck.section(top, "metrics", ("listen",)), "listen", as_listen, None)
+        ),
         jobs=_jobs(ck, top, _defaults(ck, ck.section(top, "defaults", _DEFAULT_KEYS))),
     )
 
@@ -113,8 +125,7 @@ def _api(ck: Checker, data: dict[str, Any], base: Path) -> ApiConfig:
         base_url=ck.get(p, data, "base_url", as_base_url, d.base_url),
         token_env=None if token_file else token_env or DEFAULT_TOKEN_ENV,
         token_file=token_file,
-        timeout=ck.get(p, data, "timeout", as_seconds(_TINY, "must be longer than 0s"),
-                       d.timeout),
+        timeout=ck.get(p, data, "timeout", as_seconds(_TINY, "must be longer than 0s"), d.timeout),
         concurrency=ck.get(p, data, "concurrency", as_int(1, 256), d.concurrency),
         rate_limit=ck.get(p, data, "rate_limit", as_rate, d.rate_limit),
         verify_tls=ck.get(p, data, "verify_tls", as_bool, d.verify_tls),
@@ -152,8 +163,9 @@ def _retry(ck: Checker, path: Key, value: Any, base: RetryPolicy) -> RetryPolicy
     max_backoff = ck.get(path, data, "max_backoff", as_seconds(), base.max_backoff)
     if max_backoff < backoff:
         key = "max_backoff" if "max_backoff" in data else "backoff"
-        ck.error((*path, key), f"max_backoff ({max_backoff:g}s) must be at least "
-                               f"backoff ({backoff:g}s)")
+        ck.error(
+            (*path, key), f"max_backoff ({max_backoff:g}s) must be at least backoff ({backoff:g}s)"
+        )
         max_backoff = backoff
     return RetryPolicy(attempts, backoff, max_backoff)
 
@@ -166,10 +178,17 @@ def _notify(ck: Checker, path: Key, data: dict[str, Any], base: NotifyConfig) ->
     section = ck.mapping(path, data["notify"], _NOTIFY_KEYS)
     if section is None:
         return base
-    converters = {"webhook": as_notify_url, "ping_url": as_notify_url,
-                  "after": _as_is, "timeout": as_seconds()}
-    fields = {key: ck.convert((*path, key), section[key], convert, getattr(base, key))
-              for key, convert in converters.items() if key in section}
+    converters = {
+        "webhook": as_notify_url,
+        "ping_url": as_notify_url,
+        "after": _as_is,
+        "timeout": as_seconds(),
+    }
+    fields = {
+        key: ck.convert((*path, key), section[key], convert, getattr(base, key))
+        for key, convert in converters.items()
+        if key in section
+    }
     for key, message in replace(base, **fields).problems():
         if key in fields:  # base's values were checked where they were written
             ck.error((*path, key), message)
@@ -186,16 +205,18 @@ def _jobs(ck: Checker, top: dict[str, Any], defaults: _Defaults) -> tuple[Job, .
     raw = top.get("jobs")
     if not isinstance(raw, list) or not raw:
         shown = "" if raw in (None, []) else f", got {describe(raw)}"
-        ck.error(("jobs",), f"at least one job is required (each with name, tests, schedule)"
-                            f"{shown}")
+        ck.error(
+            ("jobs",), f"at least one job is required (each with name, tests, schedule){shown}"
+        )
         return ()
     first_paths: dict[str, Key] = {}  # where each name was first written
     jobs = (_job(ck, ("jobs", i), item, defaults, first_paths) for i, item in enumerate(raw))
     return tuple(job for job in jobs if job is not None)
 
 
-def _job(ck: Checker, path: Key, value: Any, dflt: _Defaults,
-         first_paths: dict[str, Key]) -> Job | None:
+def _job(
+    ck: Checker, path: Key, value: Any, dflt: _Defaults, first_paths: dict[str, Key]
+) -> Job | None:
     data = ck.mapping(path, value, _JOB_KEYS)
     if data is None:
         return None
@@ -204,13 +225,16 @@ def _job(ck: Checker, path: Key, value: Any, dflt: _Defaults,
     tests = _tests(ck, (*path, "tests"), data)
     tz = ck.get(path, data, "timezone", as_timezone, dflt.timezone)
     schedule = _schedule(ck, (*path, "schedule"), data, tz)
-    retry = _retry(ck, (*path, "retry"), data["retry"], dflt.retry) if "retry" in data else (
-        dflt.retry)
+    retry = (
+        _retry(ck, (*path, "retry"), data["retry"], dflt.retry) if "retry" in data else (dflt.retry)
+    )
     spread = ck.get(path, data, "spread", as_duration(), dflt.spread)
     if schedule is not None and len(tests) > 1 and spread > ZERO:
         _check_spread(ck, path, "spread" in data, schedule, spread)
     job = Job(
-        name=name or "", tests=tests, schedule=schedule or Schedule(),
+        name=name or "",
+        tests=tests,
+        schedule=schedule or Schedule(),
         aid=ck.get(path, data, "aid", as_optional_id, dflt.aid),
         enabled=ck.get(path, data, "enabled", as_bool, True),
         retry=retry,
@@ -222,8 +246,9 @@ def _job(ck: Checker, path: Key, value: Any, dflt: _Defaults,
     return job if ck.count == before else None
 
 
-def _job_name(ck: Checker, path: Key, data: dict[str, Any],
-              first_paths: dict[str, Key]) -> str | None:
+def _job_name(
+    ck: Checker, path: Key, data: dict[str, Any], first_paths: dict[str, Key]
+) -> str | None:
     if "name" not in data:
         ck.error((*path, "name"), "is required (letters, digits, '.', '_', '-')")
         return None
@@ -241,8 +266,9 @@ def _tests(ck: Checker, path: Key, data: dict[str, Any]) -> tuple[str, ...]:
     if not isinstance(raw, list) or not raw:
         want = "a non-empty list of instant test ids like [105, 106]"
         missing = "tests" not in data
-        ck.error(path, f"is required: {want}" if missing else f"must be {want}, got "
-                                                              f"{describe(raw)}")
+        ck.error(
+            path, f"is required: {want}" if missing else f"must be {want}, got {describe(raw)}"
+        )
         return ()
     tests: dict[str, None] = {}  # ordered, and a lookup is O(1): a list can be a million long
     for i, item in enumerate(raw):
@@ -282,8 +308,7 @@ def _schedule(ck: Checker, path: Key, job: dict[str, Any], tz: str) -> Schedule 
     return Schedule(tz, at=at) if at else None
 
 
-def _check_spread(ck: Checker, path: Key, own: bool, schedule: Schedule,
-                  spread: timedelta) -> None:
+def _check_spread(ck: Checker, path: Key, own: bool, schedule: Schedule, spread: timedelta) -> None:
     """Refuse a spread wider than the gap to the next firing: the firing's last tests would
     start after the next one began. Equal is fine: the tests then share the interval evenly.
 
@@ -300,12 +325,17 @@ def _check_spread(ck: Checker, path: Key, own: bool, schedule: Schedule,
         return
     why = "a firing's last tests would start after the next firing"
     if own:
-        ck.error((*path, "spread"), f"{format_duration(spread)} is longer than {what}: {why}; "
-                                    f"make it at most {format_duration(gap)}")
+        ck.error(
+            (*path, "spread"),
+            f"{format_duration(spread)} is longer than {what}: {why}; "
+            f"make it at most {format_duration(gap)}",
+        )
     else:
-        ck.error((*path, "schedule", schedule.kind),
-                 f"{what} is shorter than defaults.spread ({format_duration(spread)}): {why}; "
-                 f"set spread on this job, at most {format_duration(gap)}")
+        ck.error(
+            (*path, "schedule", schedule.kind),
+            f"{what} is shorter than defaults.spread ({format_duration(spread)}): {why}; "
+            f"set spread on this job, at most {format_duration(gap)}",
+        )
 
 
 @functools.lru_cache(maxsize=1024)  # cron expressions repeat across jobs

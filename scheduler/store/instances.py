@@ -38,9 +38,9 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.dialects import postgresql, sqlite
 
 from scheduler import clock
-from scheduler.db import translate_errors, write_transaction
 from scheduler.errors import DatabaseError
-from scheduler.history import attempts, instances, rate_limits
+from scheduler.store.db import translate_errors, write_transaction
+from scheduler.store.history import attempts, instances, rate_limits
 
 log = logging.getLogger(__name__)
 
@@ -365,8 +365,17 @@ class SharedLimits:
         for name, remaining, reset in reported:
             if remaining is None and reset is None and paused_until is None:
                 continue
-            self._guard(publish_limit, self.engine, self.key, name, remaining, reset,
-                        paused_until, now, self.instance)
+            self._guard(
+                publish_limit,
+                self.engine,
+                self.key,
+                name,
+                remaining,
+                reset,
+                paused_until,
+                now,
+                self.instance,
+            )
 
     def read(self) -> dict[str, SharedLimit]:
         """The other instances' view, at most ``cache_seconds`` old."""

@@ -217,7 +217,7 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
 
 def migrations_dir() -> Path:
     """The Alembic scripts: ``scheduler/migrations`` in a wheel, ``migrations/`` in a checkout."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parent.parent  # scheduler/
     for candidate in (package / "migrations", package.parent / "migrations"):
         if (candidate / "env.py").is_file():
             return candidate

@@ -36,7 +36,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from scheduler import __version__, clock
-from scheduler.config import ApiConfig
+from scheduler.config.model import ApiConfig
 from scheduler.logs import secrets_pattern
 
 log = logging.getLogger(__name__)

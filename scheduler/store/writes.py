@@ -127,8 +127,12 @@ class PreparedWrites:
         except self._dialect.loaded_dbapi.Error as exc:
             self._discard(connection, cursor, exc)
             raise sa_exc.DBAPIError.instance(
-                sql, params, exc, self._dialect.loaded_dbapi.Error,
-                ismulti=False, dialect=self._dialect,
+                sql,
+                params,
+                exc,
+                self._dialect.loaded_dbapi.Error,
+                ismulti=False,
+                dialect=self._dialect,
             ) from exc
         finally:
             if cursor is not None:

@@ -17,8 +17,8 @@ from typing import Any
 
 import yaml
 
+from scheduler.config.wording import Key, describe, is_secret, short
 from scheduler.errors import ConfigError, ConfigProblem
-from scheduler.messages import Key, describe, is_secret, short
 
 MAX_BYTES = 8 * 1024 * 1024  # the file size cap of SPEC section 3
 # Values after alias expansion. 100,000 one-test jobs are 1 M values (and fill the 8 MiB
@@ -34,8 +34,10 @@ _Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: 15x fas
 _INT_TAG = "tag:yaml.org,2002:int"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _STR_TAG = "tag:yaml.org,2002:str"
-_SCALAR_TAGS = {f"tag:yaml.org,2002:{name}" for name in (
-    "null", "bool", "int", "float", "str", "timestamp", "binary")}
+_SCALAR_TAGS = {
+    f"tag:yaml.org,2002:{name}"
+    for name in ("null", "bool", "int", "float", "str", "timestamp", "binary")
+}
 _PLAIN_TAGS = (None, "!", "tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
 _CANONICAL_INT = re.compile(r"[-+]?(0|[1-9][0-9]*)")
 _PLAIN_FLOAT = re.compile(r"[-+]?[0-9]+\.[0-9]+")  # a subset of YAML 1.1 floats, same value
@@ -122,8 +124,12 @@ def _parse(text: str, file: str) -> Doc:
     bad = yaml.reader.Reader.NON_PRINTABLE.search(text)
     if bad is not None:
         line, col = _line_col(text, bad.start())
-        raise _fatal(file, f"control character U+{ord(bad.group()):04X} is not allowed; "
-                           "is this a text file?", line, col)
+        raise _fatal(
+            file,
+            f"control character U+{ord(bad.group()):04X} is not allowed; is this a text file?",
+            line,
+            col,
+        )
     loader = None
     try:
         loader = _Loader(text)
@@ -182,22 +188,31 @@ class _Builder:
         self.documents = 0
         # One lookup per event instead of an isinstance() chain: this runs for every value.
         self.handlers: dict[type, Callable[[Any], None]] = {
-            yaml.ScalarEvent: self._scalar, yaml.MappingStartEvent: self._open,
-            yaml.SequenceStartEvent: self._open, yaml.MappingEndEvent: self._close,
-            yaml.SequenceEndEvent: self._close, yaml.AliasEvent: self._alias,
-            yaml.DocumentStartEvent: self._document}
+            yaml.ScalarEvent: self._scalar,
+            yaml.MappingStartEvent: self._open,
+            yaml.SequenceStartEvent: self._open,
+            yaml.MappingEndEvent: self._close,
+            yaml.SequenceEndEvent: self._close,
+            yaml.AliasEvent: self._alias,
+            yaml.DocumentStartEvent: self._document,
+        }
 
     def _document(self, event: yaml.DocumentStartEvent) -> None:
         self.documents += 1
         if self.documents > 1:
-            raise _Stop(_where(event.start_mark),
-                        "only one YAML document is allowed; remove the second '---'")
+            raise _Stop(
+                _where(event.start_mark),
+                "only one YAML document is allowed; remove the second '---'",
+            )
 
     def _count(self, nodes: int, where: Where) -> None:
         self.nodes += nodes
         if self.nodes > MAX_NODES:
-            raise _Stop(where, f"the document expands to more than {MAX_NODES:,} values "
-                               "(through aliases?); that is far more than a config needs")
+            raise _Stop(
+                where,
+                f"the document expands to more than {MAX_NODES:,} values "
+                "(through aliases?); that is far more than a config needs",
+            )
 
     def _problem(self, where: Where, path: Key, message: str) -> None:
         if len(self.doc.problems) < MAX_PROBLEMS:
@@ -205,8 +220,11 @@ class _Builder:
         else:
             self.doc.hidden += 1
             if self.doc.hidden + MAX_PROBLEMS >= MAX_READ_PROBLEMS:
-                raise _Stop(where, f"stopped reading after {MAX_READ_PROBLEMS:,} problems; "
-                                   "fix the first ones and try again")
+                raise _Stop(
+                    where,
+                    f"stopped reading after {MAX_READ_PROBLEMS:,} problems; "
+                    "fix the first ones and try again",
+                )
 
     def _alias(self, event: yaml.AliasEvent) -> None:
         where, name = _where(event.start_mark), str(event.anchor)
@@ -286,8 +304,7 @@ class _Builder:
         if len(self.stack) >= MAX_DEPTH:
             raise _Stop(where, f"nesting is deeper than {MAX_DEPTH} levels")
         path = self._child_path()
-        value: dict[str, Any] | list[Any] = (
-            {} if isinstance(event, yaml.MappingStartEvent) else [])
+        value: dict[str, Any] | list[Any] = {} if isinstance(event, yaml.MappingStartEvent) else []
         anchor = str(event.anchor) if event.anchor else None
         self.stack.append(_Frame(value, path, where, anchor, self.nodes))
         self._count(1, where)
@@ -311,8 +328,9 @@ class _Builder:
         for value, where in frame.merges or ():
             for source in value if isinstance(value, list) else [value]:
                 if not isinstance(source, dict):
-                    self._problem(where, frame.path,
-                                  "a merge (<<) takes a mapping or a list of mappings")
+                    self._problem(
+                        where, frame.path, "a merge (<<) takes a mapping or a list of mappings"
+                    )
                     continue
                 self._count(len(source), where)
                 for key, item in source.items():
@@ -323,8 +341,11 @@ class _Builder:
                         self.doc.keys[path] = where
 
     def _at_key(self) -> bool:
-        return bool(self.stack) and isinstance(self.stack[-1].value, dict) and (
-            self.stack[-1].key is _NO_KEY)
+        return (
+            bool(self.stack)
+            and isinstance(self.stack[-1].value, dict)
+            and (self.stack[-1].key is _NO_KEY)
+        )
 
     def _child_path(self) -> Key:
         if not self.stack:

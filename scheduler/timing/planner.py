@@ -17,9 +17,11 @@ from itertools import islice, pairwise, tee
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from scheduler.config import Config, Job, Rate
+from scheduler.clock import EPOCH, micros
+from scheduler.config.model import Config, Job, Rate
 from scheduler.errors import UsageError
-from scheduler.triggers import format_duration, iter_slots, spread_offsets
+from scheduler.timing.cron import format_duration
+from scheduler.timing.triggers import iter_slots, spread_offsets
 
 UTC = timezone.utc
 DEFAULT_INSTANT_LIMIT = Rate(24, 60.0)  # the documented X-Instant-Test-Rate-Limit default
@@ -27,7 +29,6 @@ DEFAULT_SPAN = timedelta(hours=24)
 _NAMED_JOBS = 10  # job names listed in one warning before "and N more"
 # With --count and no --until only the count ends the plan; this merely bounds iteration.
 _COUNT_HORIZON = timedelta(days=3660)
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ def peak_calls(times: Sequence[datetime], period: float) -> tuple[int, datetime 
         while j < len(ticks) and ticks[j] - tick < span:
             j += 1
         if j - i > best:
-            best, best_at = j - i, _EPOCH + timedelta(microseconds=tick)
+            best, best_at = j - i, EPOCH + timedelta(microseconds=tick)
     return best, best_at
 
 
@@ -291,8 +292,7 @@ def _as_utc(moment: datetime, option: str) -> datetime:
 
 
 def _micros(moment: datetime) -> int:
-    delta = moment - _EPOCH
-    return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
+    return micros(moment - EPOCH)
 
 
 def _period_micros(period: float) -> int:

@@ -16,124 +16,30 @@ from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
 from apscheduler.triggers.base import BaseTrigger
-from cronsim import CronSim, CronSimError
 
-from scheduler.config import Job, Schedule
-
-CRON_ALIASES = {
-    "@yearly": "0 0 1 1 *",
-    "@annually": "0 0 1 1 *",
-    "@monthly": "0 0 1 * *",
-    "@weekly": "0 0 * * 0",
-    "@daily": "0 0 * * *",
-    "@midnight": "0 0 * * *",
-    "@hourly": "0 * * * *",
-}
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-_ONE_US = timedelta(microseconds=1)
-
-
-def expand_cron(expr: str) -> str:
-    """The five-field form of ``expr`` (an @alias expanded, whitespace normalised)."""
-    text = " ".join(expr.split())
-    return CRON_ALIASES.get(text.lower(), text)
-
-
-def check_cron(expr: str) -> str:
-    """Return the five-field form of ``expr`` or raise ValueError saying what is wrong."""
-    fields = expand_cron(expr)
-    if expr.strip().startswith("@") and fields == " ".join(expr.split()):
-        raise ValueError(f"unknown alias {expr.strip()!r}; use one of {', '.join(CRON_ALIASES)}")
-    if len(fields.split()) != 5:
-        raise ValueError(
-            f"cron needs 5 fields (minute hour day-of-month month day-of-week), "
-            f"got {len(fields.split())}"
-        )
-    try:
-        first = next(CronSim(fields, datetime(2000, 1, 1, tzinfo=timezone.utc)))
-    except (CronSimError, StopIteration, ValueError, OverflowError) as exc:
-        if _fires_in_some_month(fields):
-            raise ValueError(
-                f"cron expression {expr!r} can never fire: that day of the month does not "
-                "exist in the months it names"
-            ) from None
-        raise ValueError(f"invalid cron expression {expr!r}: {exc or 'can never fire'}") from None
-    if first.year > 2100:
-        raise ValueError(f"cron expression {expr!r} can never fire")
-    return fields
-
-
-def _fixed_hour_form(fields: str) -> str:
-    """Spell out a wildcard minute when the hour is fixed (``*/20 2 * * *`` -> ``0,20,40 2``).
-
-    cronsim applies Debian's fixed-time DST rules only when neither the minute nor the hour
-    field starts with ``*``; SPEC section 5 applies them to every cron with a fixed hour.
-    """
-    minute, hour, rest = fields.split(" ", 2)
-    if not minute.startswith("*") or hour.startswith("*"):
-        return fields
-    minutes = sorted(CronSim(fields, _EPOCH).minutes)
-    return f"{','.join(str(m) for m in minutes)} {hour} {rest}"
-
-
-def _fires_in_some_month(fields: str) -> bool:
-    """True when ``fields`` is valid once its month is ``*`` (so only the date is impossible)."""
-    minute, hour, day, month, weekday = fields.split()
-    try:
-        CronSim(f"{minute} {hour} {day} * {weekday}", _EPOCH)
-        CronSim(f"0 0 1 {month} *", _EPOCH)
-    except (CronSimError, ValueError):
-        return False
-    return True
-
-
-class _CronSim(CronSim):
-    """cronsim that steps minute by minute in elapsed-time mode.
-
-    cronsim 2.8 jumps whole minutes and hours of elapsed time when a wildcard-hour schedule
-    advances; across a 30-minute DST shift (Australia/Lord_Howe) that jumps over wall times
-    that exist. Fixed-time mode iterates naive wall time and is unaffected.
-    """
-
-    def advance_minute(self) -> bool:
-        if self.fixup_tz is not None:
-            return bool(super().advance_minute())
-        if self.dt.minute in self.minutes:
-            return False
-        self.dt = self.dt.replace(second=0)
-        while self.dt.minute not in self.minutes:
-            self.tick(seconds=60)
-            if self.dt.minute == 0:
-                break  # re-check month, day and hour
-        return True
-
-    def advance_hour(self) -> bool:
-        if self.fixup_tz is not None:
-            return bool(super().advance_hour())
-        if self.dt.hour in self.hours:
-            return False
-        self.dt = self.dt.replace(second=0)
-        while self.dt.hour not in self.hours:
-            self.tick(seconds=60)
-            if self.dt.hour == 0:
-                break  # re-check month and day
-        return True
+from scheduler.clock import EPOCH, ONE_US, micros
+from scheduler.config.model import Job, Schedule
+from scheduler.timing.cron import (
+    StepwiseCronSim,
+    check_cron,
+    fixed_hour_form,
+    format_duration,
+)
 
 
 class CronScheduleTrigger(BaseTrigger):
     """Fires on a five-field cron expression in a timezone, with Debian cron's DST rules."""
 
     def __init__(self, expr: str, tz: str) -> None:
-        self.expr = _fixed_hour_form(check_cron(expr))
+        self.expr = fixed_hour_form(check_cron(expr))
         self.tz = ZoneInfo(tz)
 
     def get_next_fire_time(
         self, previous_fire_time: datetime | None, now: datetime
     ) -> datetime | None:
         # cronsim yields times strictly after its start; "now" itself may be a fire time.
-        after_utc = _utc(previous_fire_time) if previous_fire_time else _utc(now) - _ONE_US
-        times = _CronSim(self.expr, after_utc.astimezone(self.tz))
+        after_utc = _utc(previous_fire_time) if previous_fire_time else _utc(now) - ONE_US
+        times = StepwiseCronSim(self.expr, after_utc.astimezone(self.tz))
         for candidate in times:
             # In fixed-hour mode cronsim iterates wall time; a start inside the second pass of
             # a repeated hour can yield the (earlier) first pass again, which already happened.
@@ -151,17 +57,17 @@ class EveryTrigger(BaseTrigger):
     def __init__(self, every: timedelta, start: datetime | None = None) -> None:
         self.every = every
         self.start = start
-        self.anchor = _utc(start) if start else _EPOCH
+        self.anchor = _utc(start) if start else EPOCH
 
     def get_next_fire_time(
         self, previous_fire_time: datetime | None, now: datetime
     ) -> datetime | None:
-        step = _micros(self.every)
+        step = micros(self.every)
         if previous_fire_time is not None:
-            k = (_micros(_utc(previous_fire_time) - self.anchor) // step) + 1
+            k = (micros(_utc(previous_fire_time) - self.anchor) // step) + 1
         else:
             # Ceiling division: the first slot at or after now.
-            k = -(-_micros(_utc(now) - self.anchor) // step)
+            k = -(-micros(_utc(now) - self.anchor) // step)
         if self.start is not None:
             k = max(k, 0)
         return self.anchor + timedelta(microseconds=k * step)
@@ -245,23 +151,10 @@ def describe(schedule: Schedule) -> str:
     return f"once at {schedule.at.isoformat()}"
 
 
-def format_duration(delta: timedelta) -> str:
-    """``timedelta(hours=6)`` -> ``6h``; the largest unit that divides it exactly."""
-    micros = _micros(delta)
-    for unit, size in (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        if micros and micros % (size * 1_000_000) == 0:
-            return f"{micros // (size * 1_000_000)}{unit}"
-    return f"{micros / 1000:g}ms"
-
-
 def _utc(moment: datetime) -> datetime:
     # Aware arithmetic within one zone is wall-clock arithmetic in Python (and drops fold),
     # so every computation here happens in UTC.
     return moment.astimezone(timezone.utc)
-
-
-def _micros(delta: timedelta) -> int:
-    return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
 def _stable_hash(job: str, test: str) -> bytes:

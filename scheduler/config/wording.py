@@ -9,10 +9,22 @@ from typing import Any
 
 Key = tuple["str | int", ...]  # where a value sits in the document: ("jobs", 0, "name")
 
-SECRET_KEYS = frozenset({"token", "api_token", "access_token", "bearer", "bearer_token",
-                         "auth_token", "oauth_token", "password", "secret"})
-NO_TOKEN = ("never put the token in the file; set token_env (an environment variable name) "
-            "or token_file")
+SECRET_KEYS = frozenset(
+    {
+        "token",
+        "api_token",
+        "access_token",
+        "bearer",
+        "bearer_token",
+        "auth_token",
+        "oauth_token",
+        "password",
+        "secret",
+    }
+)
+NO_TOKEN = (
+    "never put the token in the file; set token_env (an environment variable name) or token_file"
+)
 # Values under these keys, at any depth, are never quoted: they are or may hold credentials.
 _SECRET_PARTS = SECRET_KEYS | {"notify", "webhook", "ping_url"}
 _SAFE_KEY = re.compile(r"[A-Za-z0-9_.<>-]{1,40}", re.ASCII)

@@ -12,13 +12,13 @@ from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from scheduler.config import Schedule
-from scheduler.triggers import iter_slots
+from scheduler.clock import ONE_US
+from scheduler.config.model import Schedule
+from scheduler.timing.triggers import iter_slots
 
 # Counting missed slots of a fast schedule after a long outage could take a while; past this
 # many the count is reported as a lower bound (the latest slots are still found exactly).
 MAX_COUNTED = 100_000
-_ONE_US = timedelta(microseconds=1)
 _FIRST_LOOK_BACK = timedelta(minutes=1)
 
 
@@ -52,7 +52,7 @@ def plan_catch_up(
     """
     if last_slot is None:
         return CatchUp(run=None)
-    return verdict(missed_slots(schedule, last_slot + _ONE_US, now), now, window)
+    return verdict(missed_slots(schedule, last_slot + ONE_US, now), now, window)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """The history schema (``attempts`` of SPEC.md section 4, ``instances``, ``rate_limits``) and
-the few ``attempts`` queries the runner and the CLI need (scheduler.instances has the rest)."""
+the few ``attempts`` queries the runner and the CLI need (scheduler.store.instances has the rest)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import Engine
 
-from scheduler.db import translate_errors, write_transaction
 from scheduler.outcomes import OUTCOMES, TRIGGERS
-from scheduler.writes import PreparedWrites, prepared_writes
+from scheduler.store.db import translate_errors, write_transaction
+from scheduler.store.writes import PreparedWrites, prepared_writes
 
 log = logging.getLogger(__name__)
 
@@ -276,24 +276,27 @@ def stats(engine: Engine, *, since: datetime | None = None) -> list[dict[str, An
             decided = total["successes"] + final_failures
             last_failed = (
                 conn.execute(_last_failure(job, test_id, since)).first()
-                if final_failures > 0 else None
+                if final_failures > 0
+                else None
             )
             ordered = sorted(durations.get((job, test_id), []))
-            result.append({
-                "job": job,
-                "test_id": test_id,
-                "firings": total["firings"],
-                "attempts": total["attempts"],
-                "successes": total["successes"],
-                "success_rate": total["successes"] / decided if decided > 0 else None,
-                "last_success": total["last_success"],
-                "last_failure": last_failed.started_at if last_failed else None,
-                "last_error": last_failed.error if last_failed else None,
-                "rate_limited": total["rate_limited"],
-                "retries": total["retries"],
-                "p50_ms": _percentile(ordered, 50),
-                "p95_ms": _percentile(ordered, 95),
-            })
+            result.append(
+                {
+                    "job": job,
+                    "test_id": test_id,
+                    "firings": total["firings"],
+                    "attempts": total["attempts"],
+                    "successes": total["successes"],
+                    "success_rate": total["successes"] / decided if decided > 0 else None,
+                    "last_success": total["last_success"],
+                    "last_failure": last_failed.started_at if last_failed else None,
+                    "last_error": last_failed.error if last_failed else None,
+                    "rate_limited": total["rate_limited"],
+                    "retries": total["retries"],
+                    "p50_ms": _percentile(ordered, 50),
+                    "p95_ms": _percentile(ordered, 95),
+                }
+            )
         return result
 
 
@@ -322,8 +325,9 @@ def _stats_scan(since: datetime | None) -> Any:
             sa.func.count().label("attempts"),
             count_if((c.attempt == 1, 1), (~_neighbour(-1, since), 1)).label("firings"),
             count_if((c.outcome == "success", 1)).label("successes"),
-            count_if((c.outcome.in_(("success", "pending")), 0),
-                     (~_neighbour(+1, None), 1)).label("final_failures"),
+            count_if((c.outcome.in_(("success", "pending")), 0), (~_neighbour(+1, None), 1)).label(
+                "final_failures"
+            ),
             count_if((c.status_code == 429, 1)).label("rate_limited"),
             count_if((c.attempt > 1, 1)).label("retries"),
             sa.type_coerce(
@@ -359,8 +363,13 @@ def _last_failure(job: str, test_id: str, since: datetime | None) -> Any:
     retried = _neighbour(+1, None)
     return (
         sa.select(c.started_at, c.error)
-        .where(c.job == job, c.test_id == test_id, *_time_filter(since, None),
-               c.outcome.not_in(("success", "pending")), ~retried)
+        .where(
+            c.job == job,
+            c.test_id == test_id,
+            *_time_filter(since, None),
+            c.outcome.not_in(("success", "pending")),
+            ~retried,
+        )
         .order_by(c.started_at.desc(), c.id.desc())
         .limit(1)
     )
@@ -391,8 +400,8 @@ def prune(
     # SKIP LOCKED (PostgreSQL; SQLite ignores it and serialises writers anyway) gives two
     # instances pruning at once disjoint batches, so neither sees a short batch and stops early.
     limit = sa.bindparam("limit", type_=sa.Integer)
-    batch = sa.select(c.id).where(*old).order_by(c.id).limit(limit).with_for_update(
-        skip_locked=True
+    batch = (
+        sa.select(c.id).where(*old).order_by(c.id).limit(limit).with_for_update(skip_locked=True)
     )
     stmt = sa.delete(attempts).where(c.id.in_(batch))
     pace = _PrunePace(batch_size, yields_lock=engine.dialect.name == "sqlite")

@@ -12,12 +12,13 @@ import functools
 import re
 import zoneinfo
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any, TypeVar
 
-from scheduler.messages import describe, short
+from scheduler.config.model import Rate
+from scheduler.config.wording import describe, short
+from scheduler.timing.cron import check_cron
 
 T = TypeVar("T")
 Convert = Callable[[Any], T]
@@ -25,32 +26,34 @@ Convert = Callable[[Any], T]
 ZERO = timedelta(0)
 DURATION_HELP = "must be a duration like 30s, 5m, 2h (units ms s m h d w)"
 _RATE_HELP = (
-    "must be a rate <count>/<period> like 24/min or 5/4s "
-    "(the period a duration or sec, min, hour)"
+    "must be a rate <count>/<period> like 24/min or 5/4s (the period a duration or sec, min, hour)"
 )
 _TIME_HELP = "must be an ISO-8601 time like 2026-12-01T09:00:00+01:00"
-_UNIT_MICROS = {"ms": 1_000, "s": 10**6, "m": 60 * 10**6, "h": 3600 * 10**6,
-                "d": 86400 * 10**6, "w": 604800 * 10**6}
+_UNIT_MICROS = {
+    "ms": 1_000,
+    "s": 10**6,
+    "m": 60 * 10**6,
+    "h": 3600 * 10**6,
+    "d": 86400 * 10**6,
+    "w": 604800 * 10**6,
+}
 _DURATION_RE = re.compile(r"(\d{1,15}(?:\.\d{0,9})?|\.\d{1,9})\s*(ms|s|m|h|d|w)", re.ASCII)
 _RATE_RE = re.compile(r"(\d{1,9})\s*/\s*(\S{1,40})", re.ASCII)
-_PERIOD_WORDS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60,
-                 "h": 3600, "hour": 3600}
+_PERIOD_WORDS = {
+    "s": 1,
+    "sec": 1,
+    "second": 1,
+    "m": 60,
+    "min": 60,
+    "minute": 60,
+    "h": 3600,
+    "hour": 3600,
+}
 MAX_ID_DIGITS = 20  # ids are stored in String(32) columns; 20 digits hold any 64-bit id
 _ID_RE = re.compile(rf"[0-9]{{1,{MAX_ID_DIGITS}}}", re.ASCII)
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,100}")
 _ID_HELP = "must be digits only (an id like 105)"
 _ID_TOO_LONG = f"must be an id of at most {MAX_ID_DIGITS} digits"
-
-
-@dataclass(frozen=True)
-class Rate:
-    """``count`` calls per ``period`` seconds (``24/min`` -> Rate(24, 60.0))."""
-
-    count: int
-    period: float
-
-    def __str__(self) -> str:
-        return f"{self.count}/{self.period:g}s"
 
 
 class Invalid(ValueError):
@@ -115,8 +118,7 @@ def _duration(stripped: str) -> timedelta:
         if stripped == "0":
             return ZERO
         if stripped.startswith("-"):
-            raise Invalid("must not be negative (a duration like 30s, 5m, 2h; "
-                          "units ms s m h d w)")
+            raise Invalid("must not be negative (a duration like 30s, 5m, 2h; units ms s m h d w)")
         raise Invalid(DURATION_HELP)
     micros = Decimal(match[1]) * _UNIT_MICROS[match[2]]
     try:
@@ -173,10 +175,12 @@ def aware(moment: datetime, tz: zoneinfo.ZoneInfo | timezone) -> datetime:
 
 def as_int(low: int, high: int) -> Convert[int]:
     """A whole number from ``low`` to ``high`` (true and false are not numbers)."""
+
     def convert(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise Invalid(f"must be a whole number from {low} to {high}")
         return value
+
     return convert
 
 
@@ -189,6 +193,7 @@ def as_bool(value: Any) -> bool:
 
 def as_duration(minimum: timedelta = ZERO, too_small: str = "") -> Convert[timedelta]:
     """A duration with a unit (a bare 0 too) of at least ``minimum``."""
+
     def convert(value: Any) -> timedelta:
         if value == 0 and type(value) is int:
             delta = ZERO  # a bare 0 needs no unit
@@ -201,6 +206,7 @@ def as_duration(minimum: timedelta = ZERO, too_small: str = "") -> Convert[timed
         if delta < minimum:
             raise Invalid(too_small)
         return delta
+
     return convert
 
 
@@ -287,13 +293,12 @@ def as_cron(value: Any) -> str:
 
 @functools.lru_cache(maxsize=4096)  # crons repeat: one check per distinct expression
 def _check_cron(expr: str) -> str:
-    from scheduler.triggers import check_cron  # triggers imports config, which imports us
-
     return check_cron(expr)
 
 
 def as_time(tz: str) -> Convert[datetime]:
     """An ISO-8601 time (or a YAML timestamp); naive means ``tz``."""
+
     def convert(value: Any) -> datetime:
         if isinstance(value, datetime):
             moment = value
@@ -304,4 +309,5 @@ def as_time(tz: str) -> Convert[datetime]:
         else:
             raise Invalid(_TIME_HELP)
         return aware(moment, zoneinfo.ZoneInfo(tz))
+
     return convert

@@ -30,8 +30,8 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from scheduler import clock
-from scheduler.client import CallResult, RateLimitBucket
-from scheduler.config import Rate
+from scheduler.api.client import CallResult, RateLimitBucket
+from scheduler.config.model import Rate
 
 log = logging.getLogger(__name__)
 

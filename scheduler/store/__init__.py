@@ -1,0 +1,1 @@
+"""The history database: engines and migrations, the tables, attempts, instances, recovery."""
