@@ -28,17 +28,16 @@ from apscheduler.triggers.base import BaseTrigger
 from sqlalchemy.engine import Engine
 
 from scheduler import __version__, clock
-from scheduler.api.client import Caller, CallResult
-from scheduler.api.limiter import Limiter
 from scheduler.config.loader import load, load_token
 from scheduler.config.model import ApiConfig, Config, Job, Schedule
-from scheduler.errors import ConfigError, SchedulerError
+from scheduler.errors import ConfigError, ExitStatus, SchedulerError
 from scheduler.executor import DaemonThreadPool, build_scheduler
 from scheduler.logs import add_secret
 from scheduler.metrics import Metrics, MetricsServer, build_health
-from scheduler.notify import Notifier, sd_notify
+from scheduler.notify import Notifier, sd_notify, watchdog_seconds
 from scheduler.observe import Observers
-from scheduler.runner import Firing, Runner, instance_name
+from scheduler.outcomes import Trigger
+from scheduler.runner import Firing, build_runner, instance_name
 from scheduler.store import db, history, instances, recovery
 from scheduler.timing.catchup import plan_catch_up
 from scheduler.timing.triggers import SpreadTrigger, build_trigger, spread_offsets
@@ -98,20 +97,19 @@ class Daemon:
         self.instance = instance_name()
         self._simulated = simulated
         self._connection = connection_of(config, simulated)
-        self._caller = Caller(*self._connection)
         self.stop = threading.Event()
-        self.limiter = Limiter(config.api.rate_limit, self.stop, self._shared_limits())
         self.metrics = Metrics()
-        self.observers = Observers(self.metrics, Notifier(instance=self.instance), self.limiter)
-        self.runner = Runner(
+        self.observers = Observers(self.metrics, Notifier(instance=self.instance))
+        self.runner = build_runner(
             engine,
-            self._call,
-            self.limiter,
+            *self._connection,
             self.stop,
-            concurrency=config.api.concurrency,
             instance=self.instance,
             hooks=self.observers,
+            shared=self._shared_limits(),
         )
+        self.limiter = self.runner.limiter
+        self.observers.read_rate_limits = self.limiter.snapshot
         self.metrics.track_in_progress(self.runner.running)
         self.scheduler = scheduler or build_scheduler(max(32, 4 * config.api.concurrency))
         self.heartbeat = instances.Heartbeat(
@@ -131,6 +129,8 @@ class Daemon:
         # Catch-up firings wait here rather than each on a thread of its own: thousands of
         # jobs back from downtime would need thousands of threads (systemd's TasksMax).
         self._catch_ups = DaemonThreadPool(max(1, config.api.concurrency), "catch-up")
+        self._watchdog = watchdog_seconds()  # systemd's WatchdogSec=, halved; None when off
+        self._next_watchdog = clock.monotonic()
 
     # -- lifecycle --------------------------------------------------------------------
     def run(self) -> int:
@@ -144,7 +144,7 @@ class Daemon:
                 self._tick()
         finally:
             self.shutdown()
-        return 0
+        return ExitStatus.OK
 
     def start(self) -> None:
         """Clean up after a dead predecessor, catch up, and start firing."""
@@ -217,6 +217,10 @@ class Daemon:
 
     # -- the main loop ----------------------------------------------------------------
     def _tick(self) -> None:
+        if self._watchdog and clock.monotonic() >= self._next_watchdog:
+            # From the main loop, so a loop stuck in a reload or a lock stops the pings.
+            self._next_watchdog = clock.monotonic() + self._watchdog
+            sd_notify("WATCHDOG=1")
         if self._reload_requested:
             self._reload_requested = False
             self.reload("SIGHUP")
@@ -256,8 +260,10 @@ class Daemon:
         self.config = replace(config, history=self.config.history)  # the database stays
         if connection != self._connection:
             # Calls in flight keep the old session; it is closed by the garbage collector.
-            self._connection, self._caller = connection, Caller(*connection)
-        self.limiter.budget = config.api.rate_limit
+            self._connection = connection
+        self.runner.reconnect(*self._connection)
+        for name in {e.job.name for e in self._entries.values()} - {j.name for j in config.jobs}:
+            self.metrics.forget_job(name)  # a removed job keeps no gauge
         changed = self._apply(entries_of(config))
         self.metrics.config_reload(True)
         log.info(
@@ -309,9 +315,6 @@ class Daemon:
         return changes
 
     # -- firing -----------------------------------------------------------------------
-    def _call(self, test_id: str, aid: str | None) -> CallResult:
-        return self._caller.send(test_id, aid)
-
     def _on_due(
         self,
         job_id: str,
@@ -358,7 +361,7 @@ class Daemon:
                     entry.job,
                     entry.test_id,
                     latest,
-                    "schedule",
+                    Trigger.SCHEDULE,
                     self._deadline(entry.job, latest),
                     entry.offset,
                 )
@@ -375,7 +378,8 @@ class Daemon:
 
     def _deadline(self, job: Job, slot: datetime) -> datetime | None:
         """No retry of a firing starts after the job's next firing (None: one-off, 1 h)."""
-        return build_trigger(job.schedule).get_next_fire_time(slot, slot)
+        next_fire: datetime | None = _trigger_of(job.schedule).get_next_fire_time(slot, slot)
+        return next_fire
 
     def _catch_up(self, now: datetime, accounted: Mapping[str, datetime]) -> None:
         """Run or give up on the slots before ``now``; ``accounted``: last_accounted_by_job."""
@@ -401,7 +405,7 @@ class Daemon:
                         verdict.run.isoformat(),
                     )
                     firing = Firing(
-                        job, test, verdict.run, "catch-up", self._deadline(job, verdict.run)
+                        job, test, verdict.run, Trigger.CATCH_UP, self._deadline(job, verdict.run)
                     )
                     future = self._catch_ups.submit(self.runner.fire, firing)
                     future.add_done_callback(functools.partial(self._catch_up_done, firing=firing))
@@ -602,6 +606,12 @@ def _file_state(path: Path) -> tuple[Any, ...]:
         return (os.path.realpath(path), stat.st_ino, stat.st_mtime_ns, stat.st_size)
     except OSError:
         return ("missing",)
+
+
+@functools.lru_cache(maxsize=4096)
+def _trigger_of(schedule: Schedule) -> BaseTrigger:
+    """The trigger of ``schedule``, built once: the deadline of every firing needs one."""
+    return build_trigger(schedule)
 
 
 def connection_of(config: Config, simulated: tuple[str, str] | None) -> tuple[ApiConfig, str]:

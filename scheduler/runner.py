@@ -11,6 +11,7 @@ other 4xx are final; nothing is retried past the firing's deadline (the job's ne
 from __future__ import annotations
 
 import logging
+import os
 import random
 import socket
 import threading
@@ -18,28 +19,64 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from enum import Enum
+from typing import Any, Final, Literal, TypeVar
 
 from sqlalchemy.engine import Engine
 
 from scheduler import clock
-from scheduler.api.client import CallResult
-from scheduler.api.limiter import Limiter
-from scheduler.config.model import Job
+from scheduler.api.client import Caller, CallResult
+from scheduler.api.limiter import Limiter, SharedView
+from scheduler.config.model import ApiConfig, Job
+from scheduler.outcomes import FiringEnd, NotRun, Outcome, Trigger
 from scheduler.store import history
 
 log = logging.getLogger(__name__)
 
 ONE_OFF_DEADLINE = timedelta(hours=1)
 _WRITE_RETRY_PAUSES = (0.2, 1.0, 3.0)
-_FAILED: Any = object()  # sentinel: a history write that failed after its retries
+_R = TypeVar("_R")
+
+
+class _WriteFailed(Enum):
+    """A history write that failed after its retries (a typed sentinel, see ``_write``)."""
+
+    FAILED = "failed"
+
+
+_FAILED: Final = _WriteFailed.FAILED
 
 
 def instance_name() -> str:
     """This process's name in the ``instance`` column: ``host:pid``."""
-    import os
-
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def build_runner(
+    engine: Engine,
+    api: ApiConfig,
+    token: str,
+    stop: threading.Event,
+    *,
+    instance: str | None = None,
+    hooks: Hooks | None = None,
+    shared: SharedView | None = None,
+) -> Runner:
+    """The one way to build a runner, for the daemon and ``te-scheduler trigger`` alike.
+
+    ``shared`` lets several instances pace one token together (PostgreSQL only).
+    """
+    limiter = Limiter(api.rate_limit, stop, shared)
+    runner = Runner(
+        engine,
+        Caller(api, token).send,
+        limiter,
+        stop,
+        concurrency=api.concurrency,
+        instance=instance,
+        hooks=hooks,
+    )
+    return runner
 
 
 @dataclass(frozen=True)
@@ -49,7 +86,7 @@ class Firing:
     job: Job
     test_id: str
     scheduled_for: datetime
-    trigger: str = "schedule"  # schedule | manual | catch-up
+    trigger: Trigger = Trigger.SCHEDULE
     deadline: datetime | None = None  # no attempt starts after this
     offset: timedelta = timedelta(0)  # the test's spread offset within the slot
 
@@ -70,8 +107,8 @@ class Hooks:
     def attempted(self, firing: Firing, attempt: int, result: CallResult, lag: float) -> None:
         """One HTTP attempt finished; ``lag`` is its start minus the planned moment."""
 
-    def finished(self, firing: Firing, outcome: str, error: str | None) -> None:
-        """The firing ended: ``outcome`` is the last row's, or ``skipped``/``claimed-elsewhere``."""
+    def finished(self, firing: Firing, outcome: FiringEnd, error: str | None) -> None:
+        """The firing ended: ``outcome`` is its last row's, or a :class:`NotRun` reason."""
 
 
 class Runner:
@@ -100,10 +137,16 @@ class Runner:
         self._idle = threading.Condition(self._lock)
 
     # -- public -----------------------------------------------------------------------
-    def fire(self, firing: Firing) -> str:
+    def reconnect(self, api: ApiConfig, token: str) -> None:
+        """Use new API settings and token (a reload) for the calls that start from now on."""
+        self.send = Caller(api, token).send
+        self.limiter.budget = api.rate_limit
+
+    def fire(self, firing: Firing) -> FiringEnd:
         """Run one firing to its end and return its final outcome.
 
-        Returns ``claimed-elsewhere`` when another instance already owns the slot.
+        Returns a :class:`NotRun` reason when this process wrote no row of its own for it:
+        another instance owns the slot, or the history could not be written (nothing sent).
         """
         run_id = uuid.uuid4().hex
         with self._lock:
@@ -114,7 +157,8 @@ class Runner:
             outcome = self._skip(firing, run_id, previous)
             self.hooks.finished(firing, outcome, None)
             return outcome
-        outcome, error = "not-recorded", None
+        outcome: FiringEnd = NotRun.NOT_RECORDED
+        error: str | None = None
         try:
             outcome, error = self._run(firing, run_id)
             return outcome
@@ -141,7 +185,7 @@ class Runner:
         return True
 
     # -- one firing -------------------------------------------------------------------
-    def _run(self, firing: Firing, run_id: str) -> tuple[str, str | None]:
+    def _run(self, firing: Firing, run_id: str) -> tuple[FiringEnd, str | None]:
         """The firing's final outcome and the last attempt's error."""
         attempt, failures = 1, 0
         key = self._key(firing, run_id, 1)
@@ -153,7 +197,7 @@ class Runner:
                 firing.test_id,
                 firing.scheduled_for.isoformat(),
             )
-            return "not-recorded", "its history row could not be written"
+            return NotRun.NOT_RECORDED, "its history row could not be written"
         if row_id is None:
             log.debug(
                 'Firing of job "%s" test %s at %s claimed by another instance',
@@ -161,14 +205,16 @@ class Runner:
                 firing.test_id,
                 firing.scheduled_for.isoformat(),
             )
-            return "claimed-elsewhere", None
+            return NotRun.CLAIMED_ELSEWHERE, None
         self.hooks.claimed(firing)
         while True:
             result = self._attempt(firing, run_id, row_id, attempt)
             if result is None:
-                return "interrupted", "shut down before the call was sent"
-            done = (result.outcome, result.error)
-            if result.outcome == "success" or not self._should_retry(result, failures, firing):
+                return Outcome.INTERRUPTED, "shut down before the call was sent"
+            done = (Outcome(result.outcome), result.error)
+            if result.outcome == Outcome.SUCCESS or not self._should_retry(
+                result, failures, firing
+            ):
                 return done
             if result.status_code != 429:  # a 429 waits in the limiter, free of charge
                 failures += 1
@@ -182,7 +228,7 @@ class Runner:
     def _attempt(self, firing: Firing, run_id: str, row_id: int, attempt: int) -> CallResult | None:
         permit = self.limiter.acquire(firing.scheduled_for)
         if permit is None:
-            self._finish(row_id, "interrupted", None, "shut down before the call was sent")
+            self._finish(row_id, Outcome.INTERRUPTED, None, "shut down before the call was sent")
             return None
         lag = clock.epoch() - (firing.scheduled_for + firing.offset).timestamp()
         result = None
@@ -231,7 +277,7 @@ class Runner:
             )
         return row_id
 
-    def _skip(self, firing: Firing, run_id: str, previous: str) -> str:
+    def _skip(self, firing: Firing, run_id: str, previous: str) -> Outcome:
         reason = f"previous firing (run {previous[:8]}) of this test still running"
         self._write(
             history.record_attempt,
@@ -239,7 +285,7 @@ class Runner:
             self._key(firing, run_id, 1),
             started_at=clock.now(),
             finished_at=clock.now(),
-            outcome="skipped",
+            outcome=Outcome.SKIPPED,
             error=reason,
         )
         log.warning(
@@ -249,7 +295,7 @@ class Runner:
             firing.scheduled_for.isoformat(),
             reason,
         )
-        return "skipped"
+        return Outcome.SKIPPED
 
     # -- helpers ----------------------------------------------------------------------
     def _key(self, firing: Firing, run_id: str, attempt: int) -> history.AttemptKey:
@@ -267,7 +313,7 @@ class Runner:
     def _finish(
         self,
         row_id: int,
-        outcome: str,
+        outcome: Outcome,
         status: int | None,
         error: str | None,
         duration_ms: int | None = None,
@@ -283,7 +329,9 @@ class Runner:
             duration_ms=duration_ms,
         )
 
-    def _write(self, write: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def _write(
+        self, write: Callable[..., _R], *args: Any, **kwargs: Any
+    ) -> _R | Literal[_WriteFailed.FAILED]:
         """A history write, retried briefly; on failure logged loudly and ``_FAILED`` returned.
 
         The attempt's facts are already in the log line, so a database outage loses no facts
@@ -303,7 +351,7 @@ class Runner:
     def _log_attempt(
         self, firing: Firing, run_id: str, attempt: int, result: CallResult, lag: float
     ) -> None:
-        level = logging.INFO if result.outcome == "success" else logging.WARNING
+        level = logging.INFO if result.outcome == Outcome.SUCCESS else logging.WARNING
         log.log(
             level,
             'job="%s" test=%s attempt=%d status=%s outcome=%s duration_ms=%d lag_s=%.3f%s',

@@ -32,16 +32,6 @@ class CatchUp:
     missed_count: int = 0
     counted_all: bool = True  # False: missed_count is a lower bound
 
-    @property
-    def missed_error(self) -> str:
-        """The ``error`` text of the ``missed`` row."""
-        more = "" if self.counted_all else "at least "
-        assert self.missed_first and self.missed_last
-        return (
-            f"{more}{self.missed_count} firing(s) missed from {self.missed_first.isoformat()} "
-            f"to {self.missed_last.isoformat()} while te-scheduler was not running"
-        )
-
 
 def plan_catch_up(
     schedule: Schedule, last_slot: datetime | None, now: datetime, window: timedelta
