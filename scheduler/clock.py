@@ -7,10 +7,21 @@ time through ``datetime.now``; :func:`patch_apscheduler` routes that through thi
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone, tzinfo
 from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+# A file holding seconds to add to the system's wall clock, re-read when it changes: the seam
+# that tests use to step the wall clock under a running daemon while monotonic time runs on.
+# (libfaketime would be the natural tool, but on this Python it breaks time.sleep and
+# monotonic waits.) Unset in production, where it costs nothing.
+WALL_OFFSET_FILE_ENV = "TE_SCHEDULER_TEST_WALL_OFFSET_FILE"
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 ONE_US = timedelta(microseconds=1)  # the smallest step: "just after" a slot
@@ -32,8 +43,24 @@ class Clock(Protocol):
 class SystemClock:
     """Wall-clock time in UTC; waits block on the event for real."""
 
+    def __init__(self) -> None:
+        self._offset_file = os.environ.get(WALL_OFFSET_FILE_ENV) or None
+        self._offset, self._offset_stamp = 0.0, 0.0
+
     def now(self) -> datetime:
-        return datetime.now(timezone.utc)
+        if self._offset_file is None:
+            return datetime.now(timezone.utc)
+        return datetime.now(timezone.utc) + timedelta(seconds=self._read_offset())
+
+    def _read_offset(self) -> float:
+        try:
+            stamp = os.stat(self._offset_file).st_mtime_ns  # type: ignore[arg-type]
+            if stamp != self._offset_stamp:
+                with open(self._offset_file) as handle:  # type: ignore[arg-type]
+                    self._offset, self._offset_stamp = float(handle.read().strip() or 0), stamp
+        except (OSError, ValueError):
+            pass  # keep the last offset: a half-written file must not jump the clock
+        return self._offset
 
     def wait(self, event: threading.Event, seconds: float) -> bool:
         return event.wait(max(0.0, seconds))
@@ -103,6 +130,79 @@ def epoch() -> float:
 def monotonic() -> float:
     """A monotonic reading for measuring durations (never faked: durations are real)."""
     return time.monotonic()
+
+
+def boottime() -> float:
+    """Seconds since boot, counting time suspended (monotonic time stops while suspended)."""
+    return time.clock_gettime(getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC))
+
+
+@dataclass(frozen=True)
+class Jump:
+    """The wall clock moved ``seconds`` (negative: back) against time really elapsed.
+
+    ``step`` is a clock step (NTP, an operator, a VM restored from a snapshot): the wall clock
+    moved and time did not pass. Otherwise the machine was suspended: monotonic time stood
+    still while the wall clock (and boot time) went on.
+    """
+
+    seconds: float
+    step: bool
+    at: datetime  # the wall time just after the jump
+
+    def describe(self) -> str:
+        way = "forward" if self.seconds > 0 else "back"
+        what = "the wall clock stepped" if self.step else "the machine was suspended and resumed,"
+        return f"{what} {way} by {_span(abs(self.seconds))} at {self.at.isoformat()}"
+
+
+class JumpWatch:
+    """Notices the wall clock jumping: its distance to monotonic and boot time changes.
+
+    ``check()`` is cheap and thread-safe; each jump is reported once, to whoever checks first,
+    and kept in ``recent`` for explaining late firings afterwards.
+    """
+
+    THRESHOLD = 2.0  # seconds; smaller moves are NTP slewing, scheduling noise or rounding
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._base = self._read()
+        self.recent: list[Jump] = []
+
+    @staticmethod
+    def _read() -> tuple[float, float]:
+        wall = now().timestamp()
+        return wall - time.monotonic(), wall - boottime()
+
+    def check(self) -> Jump | None:
+        """The jump since the last check, if the wall clock moved by THRESHOLD or more."""
+        with self._lock:
+            mono, boot = self._read()
+            moved = mono - self._base[0]
+            stepped = abs(boot - self._base[1]) >= self.THRESHOLD
+            # Re-based on every check, so NTP's slow slewing never adds up to a "jump".
+            self._base = (mono, boot)
+            if abs(moved) < self.THRESHOLD:
+                return None
+            jump = Jump(round(moved, 3), stepped, now())
+            self.recent = [*self.recent[-9:], jump]
+            return jump
+
+    def explain(self, since: datetime) -> Jump | None:
+        """The latest forward jump after ``since``, to say why a slot came late."""
+        self.check()
+        with self._lock:
+            return next((j for j in reversed(self.recent) if j.at > since and j.seconds > 0), None)
+
+
+def _span(seconds: float) -> str:
+    whole = round(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"
 
 
 def set_clock(clock: Clock) -> Clock:

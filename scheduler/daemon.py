@@ -130,6 +130,7 @@ class Daemon:
         # jobs back from downtime would need thousands of threads (systemd's TasksMax).
         self._catch_ups = DaemonThreadPool(max(1, config.api.concurrency), "catch-up")
         self._watchdog = watchdog_seconds()  # systemd's WatchdogSec=, halved; None when off
+        self._jumps = clock.JumpWatch()
         self._next_watchdog = clock.monotonic()
 
     # -- lifecycle --------------------------------------------------------------------
@@ -221,6 +222,9 @@ class Daemon:
             # From the main loop, so a loop stuck in a reload or a lock stops the pings.
             self._next_watchdog = clock.monotonic() + self._watchdog
             sd_notify("WATCHDOG=1")
+        jump = self._jumps.check()
+        if jump is not None:
+            self._on_clock_jump(jump)
         if self._reload_requested:
             self._reload_requested = False
             self.reload("SIGHUP")
@@ -374,7 +378,30 @@ class Daemon:
     def _why_late(self, slot: datetime) -> str:
         if self._schedule_started and slot < self._schedule_started:
             return "te-scheduler was starting"  # the slot passed while the jobs were added
-        return "te-scheduler was too late (suspended or overloaded)"
+        jump = self._jumps.explain(since=slot)
+        if jump is not None:
+            return jump.describe()
+        # Neither a clock step nor a suspension: the process itself did not keep up.
+        return "te-scheduler was too late (overloaded, or stopped by a signal or debugger)"
+
+    def _on_clock_jump(self, jump: clock.Jump) -> None:
+        """Log a wall-clock jump; after a step, time every job's next firing from the new time.
+
+        APScheduler sleeps until the next fire time it computed before the step, by elapsed
+        time: after a step back of ten minutes it would stay silent for ten minutes. Slots that
+        come due again after a step back were claimed already; the unique firing key keeps
+        them from running twice.
+        """
+        log.warning("Clock: %s; next fire times recomputed from the new time", jump.describe())
+        self.metrics.clock_jump(jump.seconds, jump.step)
+        if not jump.step or jump.seconds > 0:
+            # Forward: the slots passed are due now and _on_due says why they came late.
+            self.scheduler.wakeup()
+            return
+        now = clock.now()
+        for job in self.scheduler.get_jobs():
+            with contextlib.suppress(JobLookupError):  # a one-off that fired meanwhile
+                job.modify(next_run_time=job.trigger.get_next_fire_time(None, now))
 
     def _deadline(self, job: Job, slot: datetime) -> datetime | None:
         """No retry of a firing starts after the job's next firing (None: one-off, 1 h)."""

@@ -93,6 +93,12 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self._clock_jumps = Counter(
+            "te_scheduler_clock_step_seconds",
+            "Seconds the wall clock jumped against elapsed time, by kind (step or suspend).",
+            ["kind", "direction"],
+            registry=r,
+        )
         self._in_progress = Gauge(
             "te_scheduler_firings_in_progress", "Firings running now.", registry=r
         )
@@ -145,6 +151,11 @@ class Metrics:
     def forget_job(self, job: str) -> None:
         """Drop the per-job gauges of a job removed from the config (counters stay)."""
         self._last_success.remove(job)
+
+    def clock_jump(self, seconds: float, step: bool) -> None:
+        """Count one wall-clock jump (``step`` false: a suspension) of ``seconds``."""
+        kind, direction = ("step" if step else "suspend"), ("forward" if seconds > 0 else "back")
+        self._clock_jumps.labels(kind, direction).inc(abs(seconds))
 
     def config_reload(self, ok: bool) -> None:
         """Count one reload attempt."""
