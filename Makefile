@@ -1,13 +1,14 @@
 # Two commands for a fresh machine with python3 and make:
 #   make demo   set up and run the daemon (against the built-in simulated API when
 #               THOUSANDEYES_TOKEN is not set)
-#   make test   set up and run the whole test suite (what CI runs)
+#   make test   set up and run the whole test suite
+#   make check  lint, format check and mypy --strict (CI runs it, then make test)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo run test lint bench soak clean
+.PHONY: demo run test check lint bench bench-check soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,12 +32,22 @@ test: $(STAMP)
 	@bash .ci/ensure-postgres
 	$(BIN)/python -m pytest -q
 
-lint: $(STAMP)
-	$(BIN)/ruff check scheduler tests bench migrations
-	$(BIN)/mypy scheduler
+# The strictness lives in pyproject.toml ([tool.ruff], [tool.mypy] strict = true).
+LINTED := scheduler tests bench migrations
+check: $(STAMP)
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
+	$(BIN)/mypy --strict scheduler
+
+lint: check
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# A smoke run of every scenario at tiny sizes (about 30 s): the benchmark still runs and
+# reports. Kept out of `make test`: it measures the tools, not the product.
+bench-check: $(STAMP)
+	$(BIN)/python -m pytest -q bench/test_quick.py
 
 soak: $(STAMP)
 	$(BIN)/python -m bench --soak

@@ -1,4 +1,4 @@
-"""Alembic environment: migrates the connection that scheduler.store.db passes in config.attributes."""
+"""Alembic environment: migrates the connection scheduler.store.db passes in config.attributes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""Shared fixtures: a fake clock, the simulator, a migrated SQLite file, a daemon subprocess."""
+"""Shared fixtures and helpers: a fake clock, attempt keys, the simulator, databases, daemons.
+
+Every test module sees these fixtures without importing them, and the PostgreSQL ones of
+tests/postgres.py too (``pytest_plugins``): a test file never imports a fixture by name.
+"""
 
 from __future__ import annotations
 
@@ -9,23 +13,47 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from scheduler import clock
 from scheduler.api.simulator import Simulator
 from scheduler.store import db
+from scheduler.store.history import AttemptKey
+
+# The server is started once per session, by the first test that asks for it.
+pytest_plugins = ["tests.postgres"]
 
 REPO = Path(__file__).resolve().parent.parent
 TOKEN = "test-token-5f2b9c"
+FAKE_START = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)  # what fake_clock reads first
+T0 = datetime(2026, 11, 27, 6, 0, tzinfo=timezone.utc)  # the slot of key()'s attempts
+
+
+def key(run_id: str = "run-1", **changes: Any) -> AttemptKey:
+    """An AttemptKey of job "dns", test 105, agent 1234, slot T0, attempt 1, by "host-a:100";
+    ``changes`` (any AttemptKey field by name) replace those values."""
+    base = AttemptKey(
+        run_id=run_id,
+        job="dns",
+        test_id="105",
+        aid="1234",
+        trigger="schedule",
+        scheduled_for=T0,
+        attempt=1,
+        instance="host-a:100",
+    )
+    return replace(base, **changes)
 
 
 @pytest.fixture
 def fake_clock() -> Iterator[clock.FakeClock]:
-    """Install a FakeClock at 2026-11-27 12:00 UTC for the test, then restore the real one."""
-    fake = clock.FakeClock(datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc))
+    """Install a FakeClock at FAKE_START for the test, then restore the real one."""
+    fake = clock.FakeClock(FAKE_START)
     previous = clock.set_clock(fake)
     yield fake
     clock.set_clock(previous)

@@ -1,9 +1,8 @@
 """A real PostgreSQL server for tests: a throwaway cluster, one fresh database per test.
 
-Use it from a test module by importing both fixtures (pytest only sees fixtures that are in
-the module's namespace; the server is shared by every module of the session)::
-
-    from tests.postgres import postgres_server, postgres_url  # noqa: F401
+A pytest plugin: tests/conftest.py loads it (``pytest_plugins = ["tests.postgres"]``), so every
+test module can ask for ``postgres_server``, ``postgres_url`` and ``any_engine`` without
+importing them; the server is shared by the whole session.
 
 ``postgres_url`` is a ``postgresql+psycopg://USER@127.0.0.1:PORT/te_<hex>`` URL of an empty
 database made for the test and dropped after it. The cluster is started once per session with
@@ -217,8 +216,8 @@ class LocalCluster:
         _run(_as_user(self.user, [str(self.bin_dir / program), *args]), cwd=self.root)
 
 
-# The server is shared by every module that imports the fixture: pytest makes one session
-# fixture per importing module, so they count references to start and stop it once.
+# One server for the session even when a module also imports the fixtures by name: pytest then
+# holds a session fixture per such module, so they count references to start and stop it once.
 _lock = threading.Lock()
 _shared: dict[str, object] = {"users": 0}
 

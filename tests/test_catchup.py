@@ -22,8 +22,7 @@ from scheduler.daemon import Daemon
 from scheduler.runner import instance_name
 from scheduler.store import history, recovery
 from scheduler.timing.catchup import MAX_COUNTED, CatchUp, plan_catch_up
-from tests.conftest import TOKEN, wait_until, write_config
-from tests.postgres import any_engine, postgres_server, postgres_url  # noqa: F401
+from tests.conftest import TOKEN, key, wait_until, write_config
 from tests.test_daemon_clock import SteppedScheduler
 from tests.test_reliability import finished, of, rows, rows_so_far
 
@@ -283,8 +282,8 @@ def hourly(name: str, test: str, start: datetime, catch_up: str) -> str:
 
 def seed(engine: Any, job: str, test: str, slot: datetime, outcome: str) -> None:
     """A row as an earlier run of the daemon would have left it."""
-    key = history.AttemptKey(f"seed-{job}", job, test, None, "schedule", slot, 1, "gone:1")
-    history.record_attempt(engine, key, started_at=slot, outcome=outcome, error="seeded")
+    k = key(f"seed-{job}", job=job, test_id=test, aid=None, scheduled_for=slot, instance="gone:1")
+    history.record_attempt(engine, k, started_at=slot, outcome=outcome, error="seeded")
 
 
 def anchor() -> datetime:
@@ -402,7 +401,7 @@ def accounted_by_definition(rows: list[dict[str, Any]]) -> dict[str, datetime]:
 
 
 def test_last_accounted_by_job_answers_for_every_job_at_once(
-    any_engine: sa.Engine,  # noqa: F811
+    any_engine: sa.Engine,
 ) -> None:
     rows = random_history(7, 150, T)
     with any_engine.begin() as conn:
@@ -412,7 +411,7 @@ def test_last_accounted_by_job_answers_for_every_job_at_once(
     assert recovery.last_accounted_by_job(any_engine) == expected
 
 
-def test_last_accounted_by_job_of_an_empty_history(any_engine: sa.Engine) -> None:  # noqa: F811
+def test_last_accounted_by_job_of_an_empty_history(any_engine: sa.Engine) -> None:
     assert recovery.last_accounted_by_job(any_engine) == {}
 
 

@@ -7,7 +7,6 @@ import random
 import sqlite3
 import threading
 from collections.abc import Iterator
-from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,8 @@ import sqlalchemy as sa
 
 from scheduler.store import db, history
 from scheduler.store.history import AttemptKey
+from tests.conftest import T0, key
 
-T0 = datetime(2026, 11, 27, 6, 0, tzinfo=timezone.utc)
 COLUMNS = [
     "id", "run_id", "job", "test_id", "aid", "trigger", "scheduled_for", "attempt",
     "started_at", "finished_at", "status_code", "outcome", "error", "duration_ms", "instance",
@@ -37,20 +36,6 @@ def engine(db_file: Path) -> Iterator[sa.Engine]:
     db.upgrade(eng)
     yield eng
     eng.dispose()
-
-
-def key(run_id: str = "run-1", **changes: Any) -> AttemptKey:
-    base = AttemptKey(
-        run_id=run_id,
-        job="dns",
-        test_id="105",
-        aid="1234",
-        trigger="schedule",
-        scheduled_for=T0,
-        attempt=1,
-        instance="host-a:100",
-    )
-    return replace(base, **changes)
 
 
 def add(

@@ -17,9 +17,8 @@ import sqlalchemy as sa
 
 from scheduler import clock
 from scheduler.store import db, history, instances
-from scheduler.store.history import AttemptKey
 from scheduler.store.instances import SharedLimit
-from tests.postgres import any_engine, postgres_server, postgres_url  # noqa: F401
+from tests.conftest import key
 
 REPO = Path(__file__).resolve().parent.parent
 T0 = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
@@ -27,7 +26,7 @@ S = timedelta(seconds=1)
 
 
 @pytest.fixture
-def engine(any_engine: sa.Engine) -> sa.Engine:  # noqa: F811
+def engine(any_engine: sa.Engine) -> sa.Engine:
     """The tests below run on SQLite and on PostgreSQL."""
     return any_engine
 
@@ -35,11 +34,11 @@ def engine(any_engine: sa.Engine) -> sa.Engine:  # noqa: F811
 def attempt(
     engine: sa.Engine, instance: str, started: datetime, outcome: str = "success", n: int = 0
 ) -> None:
-    key = AttemptKey(f"r{n}", "dns", str(n), None, "schedule", started, 1, instance)
+    k = key(f"r{n}", test_id=str(n), aid=None, scheduled_for=started, instance=instance)
     if outcome == "pending":
-        assert history.start_attempt(engine, key, started) is not None
+        assert history.start_attempt(engine, k, started) is not None
     else:
-        history.record_attempt(engine, key, started_at=started, outcome=outcome, error=None)
+        history.record_attempt(engine, k, started_at=started, outcome=outcome, error=None)
 
 
 def row(engine: sa.Engine, instance: str) -> dict[str, object] | None:

@@ -94,7 +94,9 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def layer_of(module: str) -> str | None:
-    return next((layer for layer in LAYERS if module == layer or module.startswith(layer + ".")), None)
+    return next(
+        (layer for layer in LAYERS if module == layer or module.startswith(layer + ".")), None
+    )
 
 
 def test_the_package_has_no_import_cycle() -> None:

@@ -16,7 +16,6 @@ from scheduler import clock
 from scheduler.api.simulator import Simulator
 from scheduler.store import db, history
 from tests.conftest import TOKEN, cli_env, run_cli, wait_until, write_config
-from tests.postgres import postgres_server, postgres_url  # noqa: F401
 
 pytestmark = pytest.mark.slow
 HELD = timedelta(seconds=1)
@@ -41,7 +40,7 @@ def rows(url: str) -> list[dict]:
 def test_three_daemons_fire_each_slot_once_and_survive_a_kill(
     tmp_path: Path,
     postgres_url: str,
-    start_daemon,  # noqa: F811
+    start_daemon,
 ):
     sim = Simulator(token=TOKEN, org_limit=10**6, instant_limit=10**6).start()
     try:

@@ -16,7 +16,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import wait_until, write_config
+from tests.conftest import key, wait_until, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -186,12 +186,10 @@ def test_the_daemon_prunes_past_retention_in_the_background(
     db.upgrade(engine)
     old = datetime.now(timezone.utc) - timedelta(days=3)
     for n in range(450):  # more than one batch
-        key = history.AttemptKey(
-            f"old-{n}", "gone", "105", None, "schedule", old + timedelta(seconds=n), 1, "host:1"
-        )
+        slot = old + timedelta(seconds=n)
         history.record_attempt(
             engine,
-            key,
+            key(f"old-{n}", job="gone", aid=None, scheduled_for=slot, instance="host:1"),
             started_at=old + timedelta(seconds=n),
             outcome="success",
             error=None,

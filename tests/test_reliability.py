@@ -30,7 +30,7 @@ from scheduler.daemon import Daemon
 from scheduler.errors import DatabaseError
 from scheduler.runner import instance_name
 from scheduler.store import db, history
-from tests.conftest import TOKEN, DaemonProcess, cli_env, run_cli, wait_until, write_config
+from tests.conftest import TOKEN, DaemonProcess, cli_env, key, run_cli, wait_until, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -295,8 +295,8 @@ def test_pending_rows_under_our_own_name_are_orphans_at_start(
     # A restarted container is PID 1 on the same host name again: "host:1" then and now.
     monkeypatch.setenv("TE_TEST_TOKEN", TOKEN)
     past = datetime(2020, 1, 1, tzinfo=timezone.utc)
-    key = history.AttemptKey("r1", "once", "105", None, "schedule", past, 1, instance_name())
-    history.start_attempt(engine, key, datetime.now(timezone.utc))  # just now: not stale
+    pending = key("r1", job="once", aid=None, scheduled_for=past, instance=instance_name())
+    history.start_attempt(engine, pending, datetime.now(timezone.utc))  # just now: not stale
     cfg = write_config(
         tmp_path / "jobs.yaml", ONCE.format(at=past.isoformat()), base_url=simulator.url
     )

@@ -14,7 +14,7 @@ from scheduler.config import ApiConfig, Job, RetryPolicy, Schedule
 from scheduler.config.model import Rate
 from scheduler.runner import Firing, Runner
 from scheduler.store import history
-from tests.conftest import TOKEN
+from tests.conftest import TOKEN, key
 
 SLOT = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
 
@@ -143,8 +143,8 @@ def test_no_retry_starts_after_the_deadline(runner, engine, simulator):
 
 
 def test_a_firing_already_claimed_elsewhere_sends_nothing(runner, engine, simulator):
-    key = history.AttemptKey("other", "dns", "105", "1234", "schedule", SLOT, 1, "other:2")
-    assert history.start_attempt(engine, key, SLOT) is not None
+    claimed = key("other", scheduled_for=SLOT, instance="other:2")
+    assert history.start_attempt(engine, claimed, SLOT) is not None
     assert fire(runner) == "claimed-elsewhere"
     assert simulator.requests == []
     assert len(rows(engine)) == 1

@@ -6,7 +6,6 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
 from typing import Any
 
 import pytest
@@ -16,19 +15,10 @@ from scheduler import clock
 from scheduler.api.simulator import Simulator
 from scheduler.errors import UsageError
 
-START = datetime(2026, 1, 1, tzinfo=timezone.utc)
-T0 = 1767225600  # START as Unix seconds
+T0 = 1795780800  # FAKE_START (tests/conftest.py), where the fake_clock fixture starts, in Unix s
 TOKEN = "sim-token"
 ORG = "X-Organization-Rate-Limit"
 INSTANT = "X-Instant-Test-Rate-Limit"
-
-
-@pytest.fixture
-def fake_clock() -> Iterator[clock.FakeClock]:
-    fake = clock.FakeClock(START)
-    previous = clock.set_clock(fake)
-    yield fake
-    clock.set_clock(previous)
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """`python -m bench --quick` runs every scenario at tiny sizes and writes its report.
 
-Only that it runs and reports is checked, never a timing: CI machines vary too much.
+Only that it runs and reports is checked, never a timing: CI machines vary too much. Not part of
+the product's suite (``make test``); ``make bench-check`` runs it.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
-
+REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 SECTIONS = {
@@ -37,7 +37,7 @@ def _sections(text: str) -> dict[str, str]:
 
 
 @pytest.mark.timeout(120)
-def test_quick_mode_reports_every_scenario_with_tables_and_ratios(tmp_path: Path):
+def test_quick_mode_reports_every_scenario_with_tables_and_ratios(tmp_path: Path) -> None:
     out = tmp_path / "report"
     # Its own process group, so a timeout also ends the servers and daemons it started.
     proc = subprocess.Popen(
