@@ -225,4 +225,4 @@ def patch_apscheduler() -> None:
     """Make APScheduler's scheduler loop read time through this seam."""
     import apscheduler.schedulers.base as base
 
-    base.datetime = _SeamDatetime  # type: ignore[misc]
+    base.datetime = _SeamDatetime

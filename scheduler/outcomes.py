@@ -11,7 +11,7 @@ from enum import Enum
 
 class _Word(str, Enum):
     def __str__(self) -> str:
-        return self.value
+        return str.__str__(self)
 
 
 class Outcome(_Word):

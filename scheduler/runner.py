@@ -154,9 +154,9 @@ class Runner:
             if previous is None:
                 self._running[firing.key] = run_id
         if previous is not None:
-            outcome = self._skip(firing, run_id, previous)
-            self.hooks.finished(firing, outcome, None)
-            return outcome
+            skipped = self._skip(firing, run_id, previous)
+            self.hooks.finished(firing, skipped, None)
+            return skipped
         outcome: FiringEnd = NotRun.NOT_RECORDED
         error: str | None = None
         try:
@@ -239,7 +239,8 @@ class Runner:
             self.limiter.complete(permit, result)
         assert result is not None
         self._log_attempt(firing, run_id, attempt, result, lag)
-        self._finish(row_id, result.outcome, result.status_code, result.error, result.duration_ms)
+        outcome = Outcome(result.outcome)
+        self._finish(row_id, outcome, result.status_code, result.error, result.duration_ms)
         self.hooks.attempted(firing, attempt, result, lag)
         return result
 

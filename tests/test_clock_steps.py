@@ -84,7 +84,7 @@ def test_a_step_back_is_logged_counted_and_the_next_fires_come_from_the_new_time
 def test_a_step_forward_gives_one_missed_row_that_names_the_step(
     tmp_path: Path, simulator, db_url: str, start_daemon
 ) -> None:
-    daemon, offset, port = start(tmp_path, simulator, db_url, start_daemon)
+    daemon, offset, _ = start(tmp_path, simulator, db_url, start_daemon)
     offset.write_text("3600\n")
     daemon.wait_for_log("Clock: the wall clock stepped forward by 1h00m00s", timeout=10)
 
