@@ -1,10 +1,10 @@
-"""Alembic environment: migrates the connection scheduler.store.db passes in config.attributes."""
+"""Alembic environment: migrates the connection scheduler.store.db puts in config.attributes."""
 
 from __future__ import annotations
 
 from alembic import context
 
-from scheduler.store.history import metadata
+from scheduler.store.tables import metadata
 
 # No fileConfig here on purpose: te-scheduler configures logging itself.
 

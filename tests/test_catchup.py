@@ -20,7 +20,7 @@ from scheduler.api.simulator import Simulator
 from scheduler.config import Schedule
 from scheduler.daemon import Daemon
 from scheduler.runner import instance_name
-from scheduler.store import history, recovery
+from scheduler.store import history, recovery, tables
 from scheduler.timing.catchup import MAX_COUNTED, CatchUp, plan_catch_up
 from tests.conftest import TOKEN, key, wait_until, write_config
 from tests.test_daemon_clock import SteppedScheduler
@@ -405,7 +405,7 @@ def test_last_accounted_by_job_answers_for_every_job_at_once(
 ) -> None:
     rows = random_history(7, 150, T)
     with any_engine.begin() as conn:
-        conn.execute(history.attempts.insert(), rows)
+        conn.execute(tables.attempts.insert(), rows)
     expected = accounted_by_definition(rows)
     assert 0 < len(expected) < len({row["job"] for row in rows})  # some only ran by hand
     assert recovery.last_accounted_by_job(any_engine) == expected
@@ -440,7 +440,7 @@ def test_catch_up_of_many_jobs_decides_as_each_job_alone_would(
     # About one job in seven has no history at all: new in the config, nothing to catch up.
     kept = [row for job in rows_by_job.values() if rng.random() < 0.85 for row in job]
     with engine.begin() as conn:
-        conn.execute(history.attempts.insert(), kept)
+        conn.execute(tables.attempts.insert(), kept)
     sim = Simulator(token=TOKEN, org_limit=100_000, instant_limit=100_000).start()
     try:
         path = write_config(

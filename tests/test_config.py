@@ -1083,9 +1083,9 @@ def test_a_long_test_list_is_checked_in_linear_time(tmp_path: Path) -> None:
 
 def test_ids_and_names_fit_the_history_columns(tmp_path: Path) -> None:
     from scheduler.config import scalars as values  # sqlalchemy: only this test needs it
-    from scheduler.store import history
+    from scheduler.store import tables
 
-    columns = history.attempts.c
+    columns = tables.attempts.c
     assert values.MAX_ID_DIGITS <= columns.test_id.type.length
     assert values.MAX_ID_DIGITS <= columns.aid.type.length
     assert columns.job.type.length >= 100

@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import sqlalchemy as sa
 
-from scheduler.store import db, history
+from scheduler.store import db, history, tables
 from scheduler.store.history import AttemptKey
 from tests.conftest import T0, key
 
@@ -472,7 +472,7 @@ def _fill_old(engine: sa.Engine, count: int) -> None:
         for n in range(count)
     ]
     with engine.begin() as conn:
-        conn.execute(sa.insert(history.attempts), rows)
+        conn.execute(sa.insert(tables.attempts), rows)
 
 
 def test_prune_sizes_its_own_batches_and_deletes_every_old_row(engine: sa.Engine) -> None:

@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from scheduler import clock
-from scheduler.store import db, history, instances
+from scheduler.store import db, history, instances, tables
 from scheduler.store.instances import SharedLimit
 from tests.conftest import key
 
@@ -44,7 +44,7 @@ def attempt(
 def row(engine: sa.Engine, instance: str) -> dict[str, object] | None:
     with engine.connect() as conn:
         found = conn.execute(
-            sa.select(history.instances).where(history.instances.c.instance == instance)
+            sa.select(tables.instances).where(tables.instances.c.instance == instance)
         ).first()
     return dict(found._mapping) if found else None
 
@@ -209,7 +209,7 @@ def test_publish_merges_windows_and_read_ignores_expired_ones(engine: sa.Engine)
     assert instances.read_limits(engine, tok, later) == {"org": SharedLimit(230, r2, None)}
     assert instances.read_limits(engine, tok, T0 + 121 * S) == {}
     with engine.connect() as conn:
-        stored = conn.execute(sa.select(history.rate_limits)).all()
+        stored = conn.execute(sa.select(tables.rate_limits)).all()
     assert {(r.bucket, r.updated_by) for r in stored} == {("org", "a:1"), ("instant-test", "b:2")}
 
 

@@ -53,7 +53,7 @@ def test_upgrade_empty_database_to_head_without_drift(empty: sa.Engine) -> None:
     db.upgrade(empty)
     assert db.current(empty) == db.head() == "0002"
     assert db.is_at_head(empty)
-    check(empty)  # raises on any difference between the migration and history.metadata
+    check(empty)  # raises on any difference between the migration and tables.metadata
     db.ensure_ready(empty)
 
 

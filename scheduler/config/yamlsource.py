@@ -4,6 +4,11 @@ The file is read with libyaml's safe parser event by event, and the events are t
 Python values here (not by PyYAML's composer), so that depth, alias expansion and duplicate
 keys are checked before they can cost memory, time or a silent overwrite, and every value
 keeps the line and column it came from. ``read_document`` is the entry point.
+
+Not ``yaml.compose()``: its node graph gives an alias the anchored node itself, so where an
+alias is used (and so where a value came from) is lost; it refuses a redefined anchor and
+stops at an undefined alias; and composing plus the least walk over the nodes is slower than
+this whole reader (``python -m bench.config_load``: 0.45 s against 0.34 s for 10,000 jobs).
 """
 
 from __future__ import annotations

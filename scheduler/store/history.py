@@ -1,5 +1,5 @@
-"""The history schema (``attempts`` of SPEC.md section 4, ``instances``, ``rate_limits``) and
-the few ``attempts`` queries the runner and the CLI need (scheduler.store.instances has the rest)."""
+"""The ``attempts`` writes and queries the runner and the CLI need (SPEC.md section 4); the
+tables are in scheduler.store.tables, the other tables' queries in scheduler.store.instances."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -16,95 +16,15 @@ from sqlalchemy import Engine
 
 from scheduler.outcomes import OUTCOMES, TRIGGERS
 from scheduler.store.db import translate_errors, write_transaction
+from scheduler.store.tables import FIRING_KEY, UTCDateTime, attempts
 from scheduler.store.writes import PreparedWrites, prepared_writes
 
 log = logging.getLogger(__name__)
 
-_FIRING_KEY = ("job", "test_id", "scheduled_for", "attempt")
 _CHUNK = 500  # ids per UPDATE ... IN (...), well under every driver's parameter limit
 PRUNE_BATCH_SECONDS = 0.005  # how long one prune batch may hold the write lock
 PRUNE_MIN_PAUSE, PRUNE_MAX_PAUSE = 0.005, 0.05  # seconds between batches on SQLite
 _PRUNE_FIRST_BATCH, _PRUNE_MIN_BATCH, _PRUNE_MAX_BATCH = 200, 20, 5000
-
-
-class UTCDateTime(sa.TypeDecorator[datetime]):
-    """Aware UTC datetimes in and out: naive UTC text on SQLite, ``timestamptz`` elsewhere."""
-
-    impl = sa.DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.utcoffset() is None:
-            raise ValueError(f"naive datetime {value!r}: history times must be timezone-aware")
-        value = value.astimezone(timezone.utc)
-        # SQLite has no time zones: store UTC wall time so sqlite3 shows readable UTC.
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
-
-    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            return value.replace(tzinfo=timezone.utc)
-        return value.astimezone(timezone.utc)
-
-
-metadata = sa.MetaData()
-
-attempts = sa.Table(
-    "attempts",
-    metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("run_id", sa.String(36), nullable=False),
-    sa.Column("job", sa.String(100), nullable=False),
-    sa.Column("test_id", sa.String(32), nullable=False),
-    sa.Column("aid", sa.String(32), nullable=True),
-    sa.Column("trigger", sa.String(16), nullable=False),
-    sa.Column("scheduled_for", UTCDateTime(), nullable=False),
-    sa.Column("attempt", sa.Integer, nullable=False),
-    sa.Column("started_at", UTCDateTime(), nullable=False),
-    sa.Column("finished_at", UTCDateTime(), nullable=True),
-    sa.Column("status_code", sa.Integer, nullable=True),
-    sa.Column("outcome", sa.String(16), nullable=False),
-    sa.Column("error", sa.Text, nullable=True),
-    sa.Column("duration_ms", sa.Integer, nullable=True),
-    sa.Column("instance", sa.String(200), nullable=False),
-    # Claiming a firing = inserting its first row; this key makes that happen once.
-    sa.UniqueConstraint(*_FIRING_KEY, name="uq_attempts_firing"),
-    sa.Index("ix_attempts_job_started_at", "job", "started_at"),
-    sa.Index("ix_attempts_test_id_started_at", "test_id", "started_at"),
-    sa.Index("ix_attempts_started_at", "started_at"),
-    sa.Index("ix_attempts_outcome", "outcome"),
-    sqlite_autoincrement=True,
-)
-
-
-# Every daemon sharing the database, for liveness (heartbeats) and `te-scheduler status`.
-instances = sa.Table(
-    "instances",
-    metadata,
-    sa.Column("instance", sa.String(200), primary_key=True),  # host:pid, as in attempts
-    sa.Column("host", sa.String(255), nullable=False),
-    sa.Column("pid", sa.Integer, nullable=True),
-    sa.Column("version", sa.String(32), nullable=False),
-    sa.Column("started_at", UTCDateTime(), nullable=False),
-    sa.Column("heartbeat_at", UTCDateTime(), nullable=False),
-    sa.Column("stopped_at", UTCDateTime(), nullable=True),  # null while running
-)
-
-# The server's rate-limit windows as last seen by any instance, per token and bucket.
-rate_limits = sa.Table(
-    "rate_limits",
-    metadata,
-    sa.Column("token_key", sa.String(64), primary_key=True),  # SHA-256 prefix, never the token
-    sa.Column("bucket", sa.String(32), primary_key=True),
-    sa.Column("remaining", sa.Integer, nullable=True),
-    sa.Column("reset", sa.Double, nullable=True),  # Unix seconds, as the Reset headers
-    sa.Column("paused_until", sa.Double, nullable=True),  # Unix seconds
-    sa.Column("updated_at", UTCDateTime(), nullable=False),
-    sa.Column("updated_by", sa.String(200), nullable=False),
-)
 
 
 @dataclass(frozen=True)
@@ -148,15 +68,8 @@ def finish_attempt(
         "error": error,
         "duration_ms": duration_ms,
     }
-    statements = _prepared(engine)
     with translate_errors(engine, "finishing an attempt"):
-        if statements is not None:
-            changed = statements.finish(values, attempt_id)
-        else:
-            with write_transaction(engine) as conn:
-                changed = conn.execute(
-                    sa.update(attempts).where(attempts.c.id == attempt_id).values(values)
-                ).rowcount
+        changed = _prepared(engine).finish(values, attempt_id)
     if not changed:
         log.warning("Attempt row %s no longer exists; outcome %r not recorded", attempt_id, outcome)
 
@@ -470,22 +383,13 @@ def _percentile(histogram: Sequence[tuple[int, int]], percent: int) -> int | Non
 
 def _insert_unless_taken(engine: Engine, values: dict[str, Any]) -> int | None:
     """INSERT ... ON CONFLICT (firing key) DO NOTHING; the new id or None."""
-    statements = _prepared(engine)
-    if statements is not None:
-        with translate_errors(engine, "recording an attempt"):
-            return statements.insert(values)
-    with translate_errors(engine, "recording an attempt"), write_transaction(engine) as conn:
-        try:  # other databases: let the unique constraint refuse it inside a savepoint
-            with conn.begin_nested():
-                result = conn.execute(sa.insert(attempts).values(values))
-            return int(result.inserted_primary_key[0])  # type: ignore[index]
-        except sa.exc.IntegrityError:
-            return None
+    with translate_errors(engine, "recording an attempt"):
+        return _prepared(engine).insert(values)
 
 
-def _prepared(engine: Engine) -> PreparedWrites | None:
-    """The hot-path statements for SQLite and PostgreSQL; None sends others through Core."""
-    return prepared_writes(engine, attempts, conflict_key=_FIRING_KEY)
+def _prepared(engine: Engine) -> PreparedWrites:
+    """The statements that write ``attempts`` rows (scheduler.store.writes says why not Core)."""
+    return prepared_writes(engine, attempts, conflict_key=FIRING_KEY)
 
 
 def _key_values(

@@ -40,7 +40,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from scheduler import clock
 from scheduler.errors import DatabaseError
 from scheduler.store.db import translate_errors, write_transaction
-from scheduler.store.history import attempts, instances, rate_limits
+from scheduler.store.tables import attempts, instances, rate_limits
 
 log = logging.getLogger(__name__)
 

@@ -22,6 +22,7 @@ from scheduler.clock import ONE_US
 from scheduler.config.model import Job
 from scheduler.store import history, instances
 from scheduler.store.db import translate_errors
+from scheduler.store.tables import attempts
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +116,9 @@ def last_accounted_by_job(engine: Engine) -> dict[str, datetime]:
 
 def _latest_fired_query() -> sa.Select[str, datetime | None]:
     """Per (job, test_id) that has rows: its latest slot fired on schedule or caught up."""
-    c = history.attempts.c
+    c = attempts.c
     pairs = sa.select(c.job, c.test_id).distinct().subquery("pairs")
-    fired = history.attempts.alias("fired")
+    fired = attempts.alias("fired")
     newest = (
         sa.select(fired.c.scheduled_for)
         .where(
@@ -134,7 +135,7 @@ def _latest_fired_query() -> sa.Select[str, datetime | None]:
 
 def _last_missed_query() -> sa.Select[str, datetime | None]:
     """Per job: when its latest ``missed`` row was written."""
-    c = history.attempts.c
+    c = attempts.c
     return sa.select(c.job, sa.func.max(c.started_at)).where(c.outcome == "missed").group_by(c.job)
 
 

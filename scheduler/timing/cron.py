@@ -79,9 +79,10 @@ def _fires_in_some_month(fields: str) -> bool:
 class StepwiseCronSim(CronSim):
     """cronsim that steps minute by minute in elapsed-time mode.
 
-    cronsim 2.8 jumps whole minutes and hours of elapsed time when a wildcard-hour schedule
-    advances; across a 30-minute DST shift (Australia/Lord_Howe) that jumps over wall times
-    that exist. Fixed-time mode iterates naive wall time and is unaffected.
+    cronsim (2.7 to 2.9 at least) jumps whole minutes and hours of elapsed time when a
+    wildcard-hour schedule advances; across a 30-minute DST shift (Australia/Lord_Howe) that
+    jumps over wall times that exist. Fixed-time mode iterates naive wall time and is
+    unaffected. This overrides cronsim internals, hence the pin in pyproject.toml.
     """
 
     def advance_minute(self) -> bool:
