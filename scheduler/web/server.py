@@ -79,7 +79,11 @@ class MetricsServer:
         self._port = int(sock.getsockname()[1])
         app = build_app(self.metrics.registry, HealthCheck(self.health, self.health_timeout))
         _quiet_tracebacks()
-        server = create_server(app, map=self._map, sockets=[sock], **self.adjustments)
+        try:
+            server = create_server(app, map=self._map, sockets=[sock], **self.adjustments)
+        except BaseException:
+            sock.close()
+            raise
         assert isinstance(server, BaseWSGIServer)  # one socket makes one server
         self._server = server
         self._stopping.clear()
