@@ -33,7 +33,7 @@ from scheduler.config.model import ApiConfig, Config, Job, Schedule
 from scheduler.errors import ConfigError, ExitStatus, SchedulerError
 from scheduler.executor import DaemonThreadPool, build_scheduler
 from scheduler.logs import add_secret
-from scheduler.metrics import Metrics, MetricsServer, build_health
+from scheduler.metrics import Metrics
 from scheduler.notify import Notifier, sd_notify, watchdog_seconds
 from scheduler.observe import Observers
 from scheduler.outcomes import Trigger
@@ -41,6 +41,8 @@ from scheduler.runner import Firing, build_runner, instance_name
 from scheduler.store import db, history, instances, recovery
 from scheduler.timing.catchup import plan_catch_up
 from scheduler.timing.triggers import SpreadTrigger, build_trigger, spread_offsets
+from scheduler.web.health import build_health
+from scheduler.web.server import MetricsServer
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics (SPEC section 6) and the ``/metrics`` + ``/healthz`` HTTP endpoint.
+"""Prometheus metrics (SPEC section 6); ``scheduler.web`` serves them on ``/metrics``.
 
 Every :class:`Metrics` owns its own ``CollectorRegistry``, so tests and several daemons in one
 process never clash. Besides the six SPEC metrics it exports ``te_scheduler_build_info{version}``
@@ -9,27 +9,16 @@ process never clash. Besides the six SPEC metrics it exports ``te_scheduler_buil
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import socket
-import sqlite3
-import threading
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import quote, urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import text
-from sqlalchemy.engine import Engine
 
 from scheduler import __version__, clock
-from scheduler.errors import SchedulerError
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +26,6 @@ log = logging.getLogger(__name__)
 DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 # Lag is milliseconds when healthy, seconds under pacing, up to an hour for a catch-up.
 LAG_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0)
-HEALTH_TIMEOUT = 5.0  # seconds a /healthz request waits for the health callable
-
-Health = Callable[[], tuple[bool, dict[str, str]]]
 NextFires = Callable[[], Mapping[str, datetime | None]]
 
 
@@ -214,168 +200,3 @@ class _NextFireCollector(Collector):
 def _epoch(when: datetime) -> float:
     # Times read back from SQL are naive UTC; everything else in te-scheduler is aware.
     return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
-
-
-# -- health ---------------------------------------------------------------------------------------
-
-
-def database_health(engine: Engine) -> tuple[bool, str]:
-    """Whether the history database answers: ``SELECT 1`` and a read of ``attempts``.
-
-    For a SQLite file the read also goes through a fresh connection, because a pooled one
-    keeps reading a file that was deleted, moved or overwritten under it.
-    """
-    try:
-        with engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
-            connection.execute(text("SELECT 1 FROM attempts LIMIT 1"))
-        path = engine.url.database if engine.dialect.name == "sqlite" else None
-        if path and path != ":memory:" and not engine.url.query.get("uri"):
-            _check_sqlite_file(path)
-    except Exception as exc:  # a health check reports every failure, it never raises
-        return False, _one_line(exc)
-    return True, "ok"
-
-
-def _check_sqlite_file(path: str) -> None:
-    uri = "file:" + quote(os.path.abspath(path)) + "?mode=rw"  # rw: never create it anew
-    connection = sqlite3.connect(uri, uri=True, timeout=2.0)
-    try:
-        connection.execute("SELECT 1 FROM attempts LIMIT 1").fetchall()
-    finally:
-        connection.close()
-
-
-def _one_line(exc: BaseException) -> str:
-    message = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    return (message[0] if message else type(exc).__name__)[:200]
-
-
-def build_health(is_running: Callable[[], bool], engine: Engine) -> Health:
-    """The daemon's /healthz callable: the scheduler runs and the database answers."""
-
-    def health() -> tuple[bool, dict[str, str]]:
-        running = is_running()
-        db_ok, db_detail = database_health(engine)
-        detail = {"scheduler": "running" if running else "stopped", "database": db_detail}
-        return running and db_ok, detail
-
-    return health
-
-
-# -- HTTP -----------------------------------------------------------------------------------------
-
-
-class _Handler(BaseHTTPRequestHandler):
-    """GET /metrics and /healthz; anything else is 404."""
-
-    server: _Server
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:
-        path = urlsplit(self.path).path
-        if path == "/metrics":
-            encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-            self._reply(200, content_type, encoder(self.server.metrics.registry))
-        elif path == "/healthz":
-            ok, body = self.server.check_health()
-            self._reply(200 if ok else 503, "application/json", json.dumps(body).encode() + b"\n")
-        else:
-            self._reply(404, "text/plain; charset=utf-8", b"not found: try /metrics or /healthz\n")
-
-    def _reply(self, status: int, content_type: str, body: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # scrapes every 15 s would drown the attempt lines
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(
-        self, address: tuple[str, int], metrics: Metrics, health: Health, health_timeout: float
-    ) -> None:
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        super().__init__(address, _Handler)
-        self.metrics, self.health, self.health_timeout = metrics, health, health_timeout
-
-    def check_health(self) -> tuple[bool, dict[str, str]]:
-        """Run the health callable with a deadline; a raise or a hang is a failure."""
-        outcome: list[tuple[bool, dict[str, str]]] = []
-
-        def call() -> None:
-            try:
-                ok, detail = self.health()
-                outcome.append((bool(ok), {k: str(v) for k, v in detail.items()}))
-            except Exception as exc:
-                log.warning("Health check raised: %r", exc)
-                outcome.append((False, {"health": f"check raised {type(exc).__name__}: {exc}"}))
-
-        worker = threading.Thread(target=call, name="healthz", daemon=True)
-        worker.start()
-        worker.join(self.health_timeout)
-        if not outcome:
-            outcome.append((False, {"health": f"check took over {self.health_timeout:g}s"}))
-        ok, detail = outcome[0]
-        return ok, {"status": "ok" if ok else "fail", **detail}
-
-
-class MetricsServer:
-    """Serves ``/metrics`` and ``/healthz`` on a background thread."""
-
-    def __init__(
-        self,
-        metrics: Metrics,
-        listen: tuple[str, int],
-        health: Health,
-        *,
-        health_timeout: float = HEALTH_TIMEOUT,
-    ) -> None:
-        self.metrics, self.listen, self.health = metrics, listen, health
-        self.health_timeout = health_timeout
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def port(self) -> int:
-        """The bound port (the real one when ``listen`` asked for port 0)."""
-        if self._server is None:
-            raise RuntimeError("MetricsServer is not started")
-        return int(self._server.server_address[1])
-
-    def start(self) -> MetricsServer:
-        """Bind and serve; raises SchedulerError when the address cannot be bound."""
-        host, port = self.listen
-        try:
-            self._server = _Server((host, port), self.metrics, self.health, self.health_timeout)
-        except OSError as exc:
-            raise SchedulerError(
-                f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}"
-            ) from None
-        self._thread = threading.Thread(  # a short poll so that stop() is prompt
-            target=self._server.serve_forever, args=(0.05,), name="metrics-http", daemon=True
-        )
-        self._thread.start()
-        log.info("Serving /metrics and /healthz on http://%s:%d", _show_host(host), self.port)
-        return self
-
-    def stop(self) -> None:
-        """Stop serving and release the port; safe to call twice."""
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()
-        if self._thread is not None:
-            self._thread.join(5.0)
-
-
-def _show_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host or "0.0.0.0"

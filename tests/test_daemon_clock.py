@@ -20,9 +20,9 @@ from apscheduler.schedulers.base import BaseScheduler
 from scheduler import clock, config
 from scheduler.daemon import LOG_EACH_JOB_UP_TO, Daemon, entries_of
 from scheduler.executor import FiringExecutor
-from scheduler.metrics import MetricsServer
 from scheduler.store import history
 from scheduler.timing.planner import build_plan
+from scheduler.web.server import MetricsServer
 from tests.conftest import TOKEN, write_config
 from tests.test_metrics import next_fires
 

@@ -16,8 +16,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from scheduler import __version__, clock
 from scheduler.api.client import CallResult
 from scheduler.errors import SchedulerError
-from scheduler.metrics import Metrics, MetricsServer, build_health, database_health
+from scheduler.metrics import Metrics
 from scheduler.store import db
+from scheduler.web.health import build_health, database_health
+from scheduler.web.server import MetricsServer
 
 SPEC_METRICS = {
     "te_scheduler_attempts": "counter",
