@@ -28,6 +28,8 @@ from apscheduler.triggers.base import BaseTrigger
 from sqlalchemy.engine import Engine
 
 from scheduler import __version__, clock
+from scheduler.backlog import Backlog
+from scheduler.clock import ONE_US
 from scheduler.config.loader import load, load_token
 from scheduler.config.model import ApiConfig, Config, Job, Schedule
 from scheduler.errors import ConfigError, ExitStatus, SchedulerError
@@ -39,7 +41,7 @@ from scheduler.observe import Observers
 from scheduler.outcomes import Trigger
 from scheduler.runner import Firing, build_runner, instance_name
 from scheduler.store import db, history, instances, recovery
-from scheduler.timing.catchup import plan_catch_up
+from scheduler.timing.catchup import CatchUp, plan_catch_up
 from scheduler.timing.triggers import SpreadTrigger, build_trigger, spread_offsets
 from scheduler.web.health import build_health
 from scheduler.web.server import MetricsServer
@@ -48,6 +50,8 @@ log = logging.getLogger(__name__)
 
 DRAIN_SECONDS = 30.0
 LOOP_SECONDS = 0.5
+BACKLOG_RETRY_SECONDS = 2.0  # how often writes kept for the database are tried again
+SHUTDOWN_WRITE_PAUSES = (1.0, 2.0, 3.0, 4.0, 0.0)  # shutdown's clean-up retries (10 s in all)
 _NO_OFFSET = timedelta(0)
 LOG_EACH_JOB_UP_TO = 100  # start-up logs a line per job up to this many, then one summary
 
@@ -102,6 +106,8 @@ class Daemon:
         self.stop = threading.Event()
         self.metrics = Metrics()
         self.observers = Observers(self.metrics, Notifier(instance=self.instance))
+        # History writes that failed wait here until the database answers (see backlog.py).
+        self.backlog = Backlog()
         self.runner = build_runner(
             engine,
             *self._connection,
@@ -109,11 +115,14 @@ class Daemon:
             instance=self.instance,
             hooks=self.observers,
             shared=self._shared_limits(),
+            backlog=self.backlog,
         )
         self.limiter = self.runner.limiter
         self.observers.read_rate_limits = self.limiter.snapshot
         self.metrics.track_in_progress(self.runner.running)
-        self.scheduler = scheduler or build_scheduler(max(32, 4 * config.api.concurrency))
+        self.scheduler = scheduler or build_scheduler(
+            max(32, 4 * config.api.concurrency), on_dropped=self._on_dropped
+        )
         self.heartbeat = instances.Heartbeat(
             engine, self.instance, __version__, instances.heartbeat_interval()
         )
@@ -133,6 +142,9 @@ class Daemon:
         self._catch_ups = DaemonThreadPool(max(1, config.api.concurrency), "catch-up")
         self._watchdog = watchdog_seconds()  # systemd's WatchdogSec=, halved; None when off
         self._jumps = clock.JumpWatch()
+        self._db_file = _sqlite_identity(engine)  # (device, inode) of a SQLite history file
+        self._store_lost: str | None = None  # why history cannot be kept: nothing is sent
+        self._flusher: threading.Thread | None = None
         self._next_watchdog = clock.monotonic()
 
     # -- lifecycle --------------------------------------------------------------------
@@ -169,7 +181,7 @@ class Daemon:
         )
         instances.register(self.engine, self.instance, __version__, now)
         self.heartbeat.start()
-        accounted = recovery.last_accounted_by_job(self.engine)
+        accounted = recovery.last_accounted(self.engine)
         # Catch-up owns the slots before the cut, the scheduler those from it on. Only adding
         # the jobs separates the cut from the scheduler running: the history read comes
         # before it and catch-up's writes after, so few slots pass in between, and those
@@ -179,6 +191,8 @@ class Daemon:
         self._schedule_started = clock.now()
         self.scheduler.start()  # after the adds: each add to a running scheduler wakes it
         self._catch_up(cut, accounted)
+        self._flusher = threading.Thread(target=self._flush_loop, name="backlog", daemon=True)
+        self._flusher.start()
         self.metrics.track_next_fires(self._next_fires)
         self._log_schedule()
         self._serve_metrics()
@@ -201,14 +215,7 @@ class Daemon:
         waited = 0.0
         while not self._force and waited < DRAIN_SECONDS and not self.runner.wait_idle(0.5):
             waited += 0.5
-        marked = history.interrupt_pending(
-            self.engine,
-            where_instance=lambda owner: owner == self.instance,
-            finished_at=clock.now(),
-            error="te-scheduler stopped before the call finished",
-        )
-        if marked:
-            log.warning("Marked %d unfinished attempt(s) as interrupted", marked)
+        self._close_history()
         if self._pruner is not None:
             self._pruner.join(5.0)  # it stops between batches once self.stop is set
         self.heartbeat.stop()
@@ -218,7 +225,57 @@ class Daemon:
             self._metrics_server.stop()
         log.info("Stopped")
 
+    def _close_history(self) -> None:
+        """Write what waits in the backlog, then end this instance's open rows; retried for a
+        while when the database is away, and whatever cannot be recorded is logged row by row."""
+        for pause in SHUTDOWN_WRITE_PAUSES:
+            try:
+                if self.backlog.flush():
+                    marked = history.interrupt_pending(
+                        self.engine,
+                        where_instance=lambda owner: owner == self.instance,
+                        finished_at=clock.now(),
+                        error="te-scheduler stopped before the call finished",
+                    )
+                    if marked:
+                        log.warning("Ended %d unfinished attempt(s) at shutdown", marked)
+                    return
+            except Exception as exc:  # the database is away: try again, then say what is lost
+                log.warning("History clean-up at shutdown failed (%s); retrying", exc)
+            if pause:
+                clock.wait(threading.Event(), pause)
+        for what in self.backlog.give_up():
+            log.error("Not recorded (the history database did not answer): %s", what)
+        log.error(
+            "Rows this instance left pending stay pending until the next start ends them; "
+            "the lines above say how each call ended"
+        )
+
     # -- the main loop ----------------------------------------------------------------
+    def _flush_loop(self) -> None:
+        """Write the backlog out whenever the database answers again (its own thread: a
+        database that hangs must not hold the main loop and its signals)."""
+        while not self.stop.is_set():
+            clock.wait(self.stop, BACKLOG_RETRY_SECONDS)
+            if len(self.backlog) and not self.stop.is_set():
+                self.backlog.flush()
+
+    def _check_store(self) -> None:
+        """Stop firing when the SQLite file was deleted or replaced under the daemon: its
+        connections would go on writing into a file nobody can read."""
+        if self._db_file is None or self._store_lost is not None:
+            return
+        current = _sqlite_identity(self.engine)
+        if current == self._db_file:
+            return
+        path = self.engine.url.database
+        what = "was deleted" if current is None else "was replaced by another file"
+        self._store_lost = f"the history file {path} {what}; restart te-scheduler to use it"
+        log.error("History: %s. No call is sent until then.", self._store_lost)
+        self.runner.halt(self._store_lost)
+        if self.scheduler.running:
+            self.scheduler.pause()
+
     def _tick(self) -> None:
         if self._watchdog and clock.monotonic() >= self._next_watchdog:
             # From the main loop, so a loop stuck in a reload or a lock stops the pings.
@@ -227,6 +284,7 @@ class Daemon:
         jump = self._jumps.check()
         if jump is not None:
             self._on_clock_jump(jump)
+        self._check_store()
         if self._reload_requested:
             self._reload_requested = False
             self.reload("SIGHUP")
@@ -330,8 +388,11 @@ class Daemon:
     ) -> None:
         # run_times and submitted come from FiringExecutor; they default to None only because
         # APScheduler's add_job checks that every parameter is supplied or has a default.
-        if entry is None or not run_times or submitted is None or self.stop.is_set():
-            return  # shutting down
+        if entry is None or not run_times or submitted is None:
+            return
+        if self.stop.is_set():
+            self._record_unsent(entry, run_times, "te-scheduler shut down before the firing began")
+            return
         # In UTC: subtracting from a zone-aware time is wall-clock arithmetic and drops fold.
         slots = [run_time.astimezone(timezone.utc) - entry.offset for run_time in run_times]
         current = self._entries.get(job_id)
@@ -377,6 +438,25 @@ class Daemon:
     # of adding 10,000 jobs; inspect.signature returns a __signature__ it finds instead.
     _on_due.__signature__ = inspect.signature(_on_due)  # type: ignore[attr-defined]
 
+    def _on_dropped(self, args: tuple[Any, ...], run_times: list[datetime]) -> None:
+        """A firing still waiting for a thread when the scheduler shut down."""
+        entry = args[1] if len(args) > 1 else None
+        if isinstance(entry, Entry) and run_times:
+            self._record_unsent(entry, run_times, "te-scheduler shut down before the firing began")
+
+    def _record_unsent(self, entry: Entry, run_times: list[datetime], why: str) -> None:
+        slots = [run_time.astimezone(timezone.utc) - entry.offset for run_time in run_times]
+        self._quietly(
+            self._record_missed,
+            entry.job,
+            entry.test_id,
+            slots[0],
+            slots[-1],
+            len(slots),
+            why,
+            never_sent=True,
+        )
+
     def _why_late(self, slot: datetime) -> str:
         if self._schedule_started and slot < self._schedule_started:
             return "te-scheduler was starting"  # the slot passed while the jobs were added
@@ -410,34 +490,59 @@ class Daemon:
         next_fire: datetime | None = _trigger_of(job.schedule).get_next_fire_time(slot, slot)
         return next_fire
 
-    def _catch_up(self, now: datetime, accounted: Mapping[str, datetime]) -> None:
-        """Run or give up on the slots before ``now``; ``accounted``: last_accounted_by_job."""
+    def _catch_up(
+        self, now: datetime, accounted: Mapping[tuple[str, str], recovery.Accounted]
+    ) -> None:
+        """Run or give up on the slots before ``now``, test by test (recovery.last_accounted)."""
         for job in self.config.enabled_jobs:
-            verdict = plan_catch_up(job.schedule, accounted.get(job.name), now, job.catch_up)
+            known = [
+                accounted[(job.name, t)].until for t in job.tests if (job.name, t) in accounted
+            ]
+            if not known:
+                continue  # the job never fired: nothing to catch up
             for test in job.tests:
-                if verdict.missed_count:
-                    assert verdict.missed_first and verdict.missed_last
-                    self._record_missed(
-                        job,
-                        test,
-                        verdict.missed_first,
-                        verdict.missed_last,
-                        verdict.missed_count,
-                        "te-scheduler was not running",
-                        verdict.counted_all,
-                    )
-                if verdict.run:
-                    log.info(
-                        'Catching up job "%s" test %s for the slot at %s',
-                        job.name,
-                        test,
-                        verdict.run.isoformat(),
-                    )
-                    firing = Firing(
-                        job, test, verdict.run, Trigger.CATCH_UP, self._deadline(job, verdict.run)
-                    )
-                    future = self._catch_ups.submit(self.runner.fire, firing)
-                    future.add_done_callback(functools.partial(self._catch_up_done, firing=firing))
+                found = accounted.get((job.name, test))
+                # A test without a row in a job that fired owes the job's latest slot: its
+                # firing never began (the process died while it waited for a thread).
+                last = found.until if found else max(known) - ONE_US
+                verdict = plan_catch_up(job.schedule, last, now, job.catch_up)
+                self._catch_up_test(job, test, verdict, found, now)
+
+    def _catch_up_test(
+        self,
+        job: Job,
+        test: str,
+        verdict: CatchUp,
+        found: recovery.Accounted | None,
+        now: datetime,
+    ) -> None:
+        if verdict.missed_count:
+            assert verdict.missed_first and verdict.missed_last
+            self._record_missed(
+                job,
+                test,
+                verdict.missed_first,
+                verdict.missed_last,
+                verdict.missed_count,
+                "te-scheduler was not running",
+                verdict.counted_all,
+            )
+        slot, attempt = verdict.run, 1
+        if slot is None and found and found.unsent and not verdict.missed_count:
+            if now - found.unsent <= job.catch_up:
+                # Its call never left before the stop: run it now, after its missed row.
+                slot, attempt = found.unsent, 2
+        if slot is None:
+            return
+        log.info(
+            'Catching up job "%s" test %s for the slot at %s', job.name, test, slot.isoformat()
+        )
+        deadline = self._deadline(job, slot)
+        firing = Firing(
+            job, test, slot, Trigger.CATCH_UP, deadline, _NO_OFFSET, first_attempt=attempt
+        )
+        future = self._catch_ups.submit(self.runner.fire, firing)
+        future.add_done_callback(functools.partial(self._catch_up_done, firing=firing))
 
     def _catch_up_done(self, future: Future[Any], firing: Firing) -> None:
         if future.cancelled():
@@ -451,6 +556,7 @@ class Daemon:
                 firing.scheduled_for,
                 1,
                 "te-scheduler stopped before its catch-up ran",
+                never_sent=True,
             )
         else:
             _log_failure(future)
@@ -464,6 +570,7 @@ class Daemon:
         count: int,
         why: str,
         counted_all: bool = True,
+        never_sent: bool = False,
     ) -> None:
         error = recovery.record_missed(
             self.engine,
@@ -476,6 +583,7 @@ class Daemon:
             count=count,
             why=why,
             counted_all=counted_all,
+            never_sent=never_sent,
         )
         self.observers.missed(job, test_id, first, error)
 
@@ -534,7 +642,9 @@ class Daemon:
         if not self.config.metrics.listen:
             return
         health = build_health(
-            lambda: self.scheduler.running and not self.stop.is_set(), self.engine
+            lambda: self.scheduler.running and not self.stop.is_set(),
+            self.engine,
+            history=lambda: self._store_lost or self.backlog.problem(),
         )
         self._metrics_server = MetricsServer(
             self.metrics, self.config.metrics.listen, health
@@ -641,6 +751,18 @@ def _file_state(path: Path) -> tuple[Any, ...]:
 def _trigger_of(schedule: Schedule) -> BaseTrigger:
     """The trigger of ``schedule``, built once: the deadline of every firing needs one."""
     return build_trigger(schedule)
+
+
+def _sqlite_identity(engine: Engine) -> tuple[int, int] | None:
+    """(device, inode) of a SQLite history file; None for other databases or no file."""
+    path = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not path or path == ":memory:" or engine.url.query.get("uri"):
+        return None
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return (stat.st_dev, stat.st_ino)
 
 
 def connection_of(config: Config, simulated: tuple[str, str] | None) -> tuple[ApiConfig, str]:

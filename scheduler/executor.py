@@ -34,20 +34,39 @@ class Pool(Protocol):
     def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None: ...
 
 
-class FiringExecutor(BaseExecutor):
-    """Hands APScheduler's run times to us (its own executors drop them) on a thread pool."""
+Dropped = Callable[[tuple[Any, ...], list[datetime]], None]
 
-    def __init__(self, pool: Pool) -> None:
+
+class FiringExecutor(BaseExecutor):
+    """Hands APScheduler's run times to us (its own executors drop them) on a thread pool.
+
+    ``on_dropped(job_args, run_times)`` hears of every firing cancelled before it began
+    (still queued for a thread at shutdown), so none vanishes without a row.
+    """
+
+    def __init__(self, pool: Pool, on_dropped: Dropped | None = None) -> None:
         super().__init__()
         self._pool = pool
+        self._on_dropped = on_dropped
 
     def _do_submit_job(self, job: ApsJob, run_times: list[datetime]) -> None:
         submitted = clock.now()
         future = self._pool.submit(job.func, *job.args, run_times, submitted)
-        future.add_done_callback(lambda f: self._done(job.id, f))
+        future.add_done_callback(lambda f: self._done(job.id, f, job.args, run_times))
 
-    def _done(self, job_id: str, future: concurrent.futures.Future[Any]) -> None:
+    def _done(
+        self,
+        job_id: str,
+        future: concurrent.futures.Future[Any],
+        args: tuple[Any, ...],
+        run_times: list[datetime],
+    ) -> None:
         if future.cancelled():
+            if self._on_dropped is not None:
+                try:
+                    self._on_dropped(args, run_times)
+                except Exception as exc:  # it runs inside APScheduler's shutdown
+                    log.error("Recording a dropped firing of %s failed: %r", job_id, exc)
             self._run_job_success(job_id, [])
         elif future.exception() is not None:
             log.error("Firing of %s failed unexpectedly: %r", job_id, future.exception())
@@ -129,6 +148,7 @@ _Work = tuple["concurrent.futures.Future[Any]", "Callable[..., Any]", "tuple[Any
 def build_scheduler(
     pool_size: int,
     scheduler_cls: type[BaseScheduler] = BackgroundScheduler,
+    on_dropped: Dropped | None = None,
 ) -> BaseScheduler:
     """An APScheduler scheduler in UTC whose jobs get their run times (see FiringExecutor).
 
@@ -138,6 +158,6 @@ def build_scheduler(
     """
     return scheduler_cls(
         timezone=timezone.utc,
-        executors={"default": FiringExecutor(DaemonThreadPool(pool_size))},
+        executors={"default": FiringExecutor(DaemonThreadPool(pool_size), on_dropped)},
         job_defaults={"coalesce": False, "misfire_grace_time": None, "max_instances": 1_000_000},
     )

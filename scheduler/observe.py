@@ -18,7 +18,7 @@ from scheduler.outcomes import FiringEnd, NotRun, Outcome
 from scheduler.runner import Firing, Hooks
 
 # Outcomes of fire() that wrote no attempt row of their own through attempted().
-_ROW_WITHOUT_ATTEMPT = (Outcome.SKIPPED, Outcome.INTERRUPTED)
+_ROW_WITHOUT_ATTEMPT = (Outcome.SKIPPED, Outcome.INTERRUPTED, Outcome.MISSED)
 
 RateLimits = Callable[[], Mapping[str, "int | None"]]
 

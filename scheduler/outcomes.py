@@ -43,6 +43,13 @@ class NotRun(_Word):
     NOT_RECORDED = "not-recorded"  # its history row could not be written, so it was not sent
 
 
+# The ``error`` of every ``missed`` row whose call was never sent begins so; at start such a
+# slot may still run as a catch-up (nothing reached the API).
+NEVER_SENT = "never sent: "
+# The ``error`` of a ``pending`` row whose call still waits for the rate limiter: if its process
+# dies, recovery knows the call never left and records it ``missed``, not ``interrupted``.
+QUEUED = "queued: waiting for the rate limiter, not sent yet"
+
 # What Runner.fire returns and Hooks.finished receives.
 FiringEnd = Outcome | NotRun
 

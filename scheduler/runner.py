@@ -26,9 +26,10 @@ from sqlalchemy.engine import Engine
 
 from scheduler import clock
 from scheduler.api.client import Caller, CallResult
-from scheduler.api.limiter import Limiter, SharedView
+from scheduler.api.limiter import Limiter, Permit, SharedView
+from scheduler.backlog import Backlog, Item
 from scheduler.config.model import ApiConfig, Job
-from scheduler.outcomes import FiringEnd, NotRun, Outcome, Trigger
+from scheduler.outcomes import NEVER_SENT, FiringEnd, NotRun, Outcome, Trigger
 from scheduler.store import history
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class _WriteFailed(Enum):
 
 
 _FAILED: Final = _WriteFailed.FAILED
+_Failed = Literal[_WriteFailed.FAILED]
 
 
 def instance_name() -> str:
@@ -61,6 +63,7 @@ def build_runner(
     instance: str | None = None,
     hooks: Hooks | None = None,
     shared: SharedView | None = None,
+    backlog: Backlog | None = None,
 ) -> Runner:
     """The one way to build a runner, for the daemon and ``te-scheduler trigger`` alike.
 
@@ -75,6 +78,7 @@ def build_runner(
         concurrency=api.concurrency,
         instance=instance,
         hooks=hooks,
+        backlog=backlog,
     )
     return runner
 
@@ -89,6 +93,7 @@ class Firing:
     trigger: Trigger = Trigger.SCHEDULE
     deadline: datetime | None = None  # no attempt starts after this
     offset: timedelta = timedelta(0)  # the test's spread offset within the slot
+    first_attempt: int = 1  # 2 for a catch-up of a slot whose attempt 1 was never sent
 
     @property
     def key(self) -> tuple[str, str]:
@@ -124,13 +129,16 @@ class Runner:
         concurrency: int = 8,
         instance: str | None = None,
         hooks: Hooks | None = None,
+        backlog: Backlog | None = None,
     ) -> None:
         self.engine = engine
+        self.backlog = backlog or Backlog()
         self.send = send
         self.limiter = limiter
         self.stop = stop
         self.instance = instance or instance_name()
         self.hooks = hooks or Hooks()
+        self._halted: str | None = None  # why nothing may be sent any more
         self._in_flight = threading.BoundedSemaphore(concurrency)
         self._running: dict[tuple[str, str], str] = {}  # (job, test) -> run_id
         self._lock = threading.Lock()
@@ -141,6 +149,10 @@ class Runner:
         """Use new API settings and token (a reload) for the calls that start from now on."""
         self.send = Caller(api, token).send
         self.limiter.budget = api.rate_limit
+
+    def halt(self, why: str) -> None:
+        """Send nothing from now on (its history cannot be kept); waiting calls end missed."""
+        self._halted = why
 
     def fire(self, firing: Firing) -> FiringEnd:
         """Run one firing to its end and return its final outcome.
@@ -187,18 +199,11 @@ class Runner:
     # -- one firing -------------------------------------------------------------------
     def _run(self, firing: Firing, run_id: str) -> tuple[FiringEnd, str | None]:
         """The firing's final outcome and the last attempt's error."""
-        attempt, failures = 1, 0
-        key = self._key(firing, run_id, 1)
-        row_id = self._write(history.start_attempt, self.engine, key, clock.now())
-        if row_id is _FAILED:
-            log.error(
-                'Job "%s" test %s scheduled for %s not sent: its history row could not be written',
-                firing.job.name,
-                firing.test_id,
-                firing.scheduled_for.isoformat(),
-            )
+        attempt, failures = firing.first_attempt, 0
+        claim = self._claim(firing, run_id, attempt)
+        if claim is _FAILED:
             return NotRun.NOT_RECORDED, "its history row could not be written"
-        if row_id is None:
+        if claim is None:
             log.debug(
                 'Firing of job "%s" test %s at %s claimed by another instance',
                 firing.job.name,
@@ -208,28 +213,67 @@ class Runner:
             return NotRun.CLAIMED_ELSEWHERE, None
         self.hooks.claimed(firing)
         while True:
-            result = self._attempt(firing, run_id, row_id, attempt)
-            if result is None:
-                return Outcome.INTERRUPTED, "shut down before the call was sent"
+            row_id, permit = claim
+            result = self._attempt(firing, run_id, row_id, attempt, permit)
+            if isinstance(result, str):  # never sent: recorded missed, with why
+                return Outcome.MISSED, result
             done = (Outcome(result.outcome), result.error)
-            if result.outcome == Outcome.SUCCESS or not self._should_retry(
-                result, failures, firing
-            ):
+            if done[0] is Outcome.SUCCESS or not self._should_retry(result, failures, firing):
                 return done
             if result.status_code != 429:  # a 429 waits in the limiter, free of charge
                 failures += 1
                 if not self._back_off(firing, failures):
                     return done
             attempt += 1
-            row_id = self._start_retry(firing, run_id, attempt)
-            if row_id is None:
+            claim = self._claim(firing, run_id, attempt)
+            if claim is None or claim is _FAILED:
+                if claim is None:
+                    log.warning(
+                        'Attempt %d of job "%s" test %s already recorded; not retrying',
+                        attempt,
+                        firing.job.name,
+                        firing.test_id,
+                    )
                 return done
 
-    def _attempt(self, firing: Firing, run_id: str, row_id: int, attempt: int) -> CallResult | None:
-        permit = self.limiter.acquire(firing.scheduled_for)
+    def _claim(
+        self, firing: Firing, run_id: str, attempt: int
+    ) -> tuple[int, Permit | None] | _Failed | None:
+        """Insert the attempt's row; with it the permit, when one was free at once.
+
+        Without a free permit the row is written ``QUEUED``: should this process die while
+        the call waits, recovery knows it was never sent. None: another instance has the row.
+        """
+        permit = self.limiter.try_acquire(firing.scheduled_for)
+        key = self._key(firing, run_id, attempt)
+        row_id = self._write(
+            history.start_attempt, self.engine, key, clock.now(), queued=permit is None
+        )
+        if isinstance(row_id, int):
+            return row_id, permit
+        if permit is not None:
+            self.limiter.complete(permit, None)  # unused: free its in-flight slot
+        if row_id is _FAILED:
+            self._keep_missed(firing, run_id, attempt)
+        return row_id
+
+    def _attempt(
+        self, firing: Firing, run_id: str, row_id: int, attempt: int, permit: Permit | None
+    ) -> CallResult | str:
+        """Send one attempt and complete its row; the reason when it was never sent."""
+        waited_from = clock.now() if permit is None else None
         if permit is None:
-            self._finish(row_id, Outcome.INTERRUPTED, None, "shut down before the call was sent")
-            return None
+            permit = self.limiter.acquire(firing.scheduled_for)
+        unsent = self._why_not_send(firing, permit, waited_from)
+        if unsent is not None:
+            if permit is not None:
+                self.limiter.complete(permit, None)
+            self._finish(row_id, Outcome.MISSED, None, unsent)
+            log.warning('Job "%s" test %s %s', firing.job.name, firing.test_id, unsent)
+            return unsent
+        if waited_from is not None:
+            self._write(history.mark_sent, self.engine, row_id, clock.now())
+        assert permit is not None
         lag = clock.epoch() - (firing.scheduled_for + firing.offset).timestamp()
         result = None
         try:
@@ -243,6 +287,23 @@ class Runner:
         self._finish(row_id, outcome, result.status_code, result.error, result.duration_ms)
         self.hooks.attempted(firing, attempt, result, lag)
         return result
+
+    def _why_not_send(
+        self, firing: Firing, permit: Permit | None, waited_from: datetime | None
+    ) -> str | None:
+        """Why this call must not go out now (None: send it). ``waited_from``: when it began
+        to queue for the limiter, a wait that may have taken it past its deadline."""
+        if self._halted is not None:
+            return NEVER_SENT + self._halted
+        if permit is None:
+            return NEVER_SENT + "te-scheduler shut down while the call waited for the rate limiter"
+        deadline = self._deadline(firing)
+        if waited_from is not None and waited_from < deadline <= clock.now():
+            return (
+                f"{NEVER_SENT}its deadline ({deadline.isoformat()}, the next firing) passed "
+                "while it waited for the rate limiter"
+            )
+        return None
 
     def _should_retry(self, result: CallResult, failures: int, firing: Firing) -> bool:
         if self.stop.is_set():
@@ -261,22 +322,11 @@ class Runner:
         return not clock.wait(self.stop, delay)
 
     def _before_deadline(self, firing: Firing, epoch: float) -> bool:
-        deadline = firing.deadline or firing.scheduled_for + ONE_OFF_DEADLINE
-        return epoch < deadline.timestamp()
+        return epoch < self._deadline(firing).timestamp()
 
-    def _start_retry(self, firing: Firing, run_id: str, attempt: int) -> int | None:
-        key = self._key(firing, run_id, attempt)
-        row_id = self._write(history.start_attempt, self.engine, key, clock.now())
-        if row_id is _FAILED:
-            return None
-        if row_id is None:
-            log.warning(
-                'Attempt %d of job "%s" test %s already recorded; not retrying',
-                attempt,
-                firing.job.name,
-                firing.test_id,
-            )
-        return row_id
+    @staticmethod
+    def _deadline(firing: Firing) -> datetime:
+        return firing.deadline or firing.scheduled_for + ONE_OFF_DEADLINE
 
     def _skip(self, firing: Firing, run_id: str, previous: str) -> Outcome:
         reason = f"previous firing (run {previous[:8]}) of this test still running"
@@ -319,16 +369,40 @@ class Runner:
         error: str | None,
         duration_ms: int | None = None,
     ) -> None:
-        self._write(
-            history.finish_attempt,
-            self.engine,
-            row_id,
-            finished_at=clock.now(),
-            outcome=outcome,
-            status_code=status,
-            error=error,
-            duration_ms=duration_ms,
+        def finish_attempt() -> None:
+            history.finish_attempt(
+                self.engine,
+                row_id,
+                finished_at=finished_at,
+                outcome=outcome,
+                status_code=status,
+                error=error,
+                duration_ms=duration_ms,
+            )
+
+        finished_at = clock.now()
+        if self._write(finish_attempt) is _FAILED:
+            status_text = status if status is not None else "-"
+            what = f"row {row_id}: outcome={outcome} status={status_text} error={error!r}"
+            self.backlog.add(Item(what, finish_attempt, row_id), "the database did not answer")
+
+    def _keep_missed(self, firing: Firing, run_id: str, attempt: int) -> None:
+        """A firing whose row could not be written was not sent; record it missed later."""
+        key = self._key(firing, run_id, attempt)
+        now = clock.now()
+        error = NEVER_SENT + "the history database could not be written when it came due"
+
+        def record_missed() -> None:
+            history.record_attempt(
+                self.engine, key, started_at=now, outcome=Outcome.MISSED, error=error
+            )
+
+        what = (
+            f'job "{firing.job.name}" test {firing.test_id} slot '
+            f"{firing.scheduled_for.isoformat()}: missed ({error})"
         )
+        log.error('Job "%s" test %s not sent: %s', firing.job.name, firing.test_id, error)
+        self.backlog.add(Item(what, record_missed), "the database did not answer")
 
     def _write(
         self, write: Callable[..., _R], *args: Any, **kwargs: Any
@@ -340,10 +414,13 @@ class Runner:
         """
         for pause in (*_WRITE_RETRY_PAUSES, None):
             try:
-                return write(*args, **kwargs)
+                result = write(*args, **kwargs)
+                self.backlog.succeeded()
+                return result
             except Exception as exc:  # a database that fails must not kill the daemon
                 if pause is None:
                     log.error("History write %s failed for good: %s", write.__name__, exc)
+                    self.backlog.failed(exc)
                     return _FAILED
                 log.warning("History write %s failed (%s); retrying", write.__name__, exc)
                 clock.wait(threading.Event(), pause)

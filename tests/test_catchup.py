@@ -359,11 +359,16 @@ def random_history(seed: int, jobs: int, end: datetime) -> list[dict[str, Any]]:
                 outcome = rng.choice(
                     ("success", "http_error", "interrupted", "pending", "skipped", "missed")
                 )
-                if outcome == "missed":  # written at a later start, about earlier slots
+                error, attempts = None, rng.choice((1, 1, 2))
+                if outcome == "missed" and rng.random() < 0.5:  # a call that never left
+                    trigger, started, attempts = "schedule", slot + rng.randint(0, 90) * S, 1
+                    error = "never sent: te-scheduler shut down while the call waited"
+                elif outcome == "missed":  # written at a later start, about earlier slots
                     trigger, started = "schedule", slot + rng.randint(1, 3000) * M
+                    error = "2 firing(s) missed"
                 else:
                     started = slot + rng.randint(0, 90) * S
-                for attempt in range(1, rng.choice((1, 1, 2)) + 1):
+                for attempt in range(1, attempts + 1):
                     rows.append(
                         {
                             "run_id": f"r{j}-{test}-{minute}",
@@ -377,7 +382,7 @@ def random_history(seed: int, jobs: int, end: datetime) -> list[dict[str, Any]]:
                             "finished_at": None,
                             "status_code": None,
                             "outcome": outcome,
-                            "error": None,
+                            "error": error,
                             "duration_ms": None,
                             "instance": "gone:1",
                         }
@@ -385,34 +390,51 @@ def random_history(seed: int, jobs: int, end: datetime) -> list[dict[str, Any]]:
     return rows
 
 
-def accounted_by_definition(rows: list[dict[str, Any]]) -> dict[str, datetime]:
-    """What the per-job queries answered: the latest schedule or catch-up slot, or the moment
-    before the latest missed row was written, whichever is later."""
-    latest: dict[str, datetime] = {}
+def accounted_by_definition(
+    rows: list[dict[str, Any]],
+) -> dict[tuple[str, str], recovery.Accounted]:
+    """What the per-test queries must answer: the latest schedule or catch-up slot, or the
+    moment before the latest missed summary row was written, whichever is later; and that
+    slot as ``unsent`` when its only row is an attempt 1 whose call never left."""
+    until: dict[tuple[str, str], datetime] = {}
     for row in rows:
+        pair = (row["job"], row["test_id"])
         candidates = []
         if row["trigger"] in ("schedule", "catch-up"):
             candidates.append(row["scheduled_for"])
-        if row["outcome"] == "missed":
+        never_sent = (row["error"] or "").startswith("never sent: ")
+        if row["outcome"] == "missed" and not never_sent:
             candidates.append(row["started_at"] - timedelta(microseconds=1))
         for moment in candidates:
-            latest[row["job"]] = max(moment, latest.get(row["job"], moment))
-    return latest
+            until[pair] = max(moment, until.get(pair, moment))
+    result = {}
+    for pair, moment in until.items():
+        at_slot = [
+            (r["attempt"], r["outcome"], (r["error"] or "").startswith("never sent: "))
+            for r in rows
+            if (r["job"], r["test_id"]) == pair
+            and r["scheduled_for"] == moment
+            and r["trigger"] in ("schedule", "catch-up")
+        ]
+        result[pair] = recovery.Accounted(
+            moment, moment if at_slot == [(1, "missed", True)] else None
+        )
+    return result
 
 
-def test_last_accounted_by_job_answers_for_every_job_at_once(
-    any_engine: sa.Engine,
-) -> None:
+def test_last_accounted_answers_for_every_test_at_once(any_engine: sa.Engine) -> None:
     rows = random_history(7, 150, T)
     with any_engine.begin() as conn:
         conn.execute(tables.attempts.insert(), rows)
     expected = accounted_by_definition(rows)
-    assert 0 < len(expected) < len({row["job"] for row in rows})  # some only ran by hand
-    assert recovery.last_accounted_by_job(any_engine) == expected
+    pairs = {(row["job"], row["test_id"]) for row in rows}
+    assert 0 < len(expected) < len(pairs)  # some only ran by hand
+    assert any(a.unsent for a in expected.values())  # the never-sent case is exercised
+    assert recovery.last_accounted(any_engine) == expected
 
 
-def test_last_accounted_by_job_of_an_empty_history(any_engine: sa.Engine) -> None:
-    assert recovery.last_accounted_by_job(any_engine) == {}
+def test_last_accounted_of_an_empty_history(any_engine: sa.Engine) -> None:
+    assert recovery.last_accounted(any_engine) == {}
 
 
 SCHEDULES = [
@@ -469,13 +491,20 @@ def test_catch_up_of_many_jobs_decides_as_each_job_alone_would(
 
 
 def expected_catch_up(
-    cfg: config.Config, accounted: dict[str, datetime], now: datetime
+    cfg: config.Config, accounted: dict[tuple[str, str], recovery.Accounted], now: datetime
 ) -> set[tuple[Any, ...]]:
-    """The rows catch-up writes, from plan_catch_up of each job on its own."""
+    """The rows catch-up writes, from plan_catch_up of each test on its own: a test without
+    rows in a job that fired owes the job's latest slot; a latest slot never sent runs again
+    when nothing later was missed."""
     rows = set()
     for job in cfg.enabled_jobs:
-        verdict = plan_catch_up(job.schedule, accounted.get(job.name), now, job.catch_up)
+        known = [accounted[(job.name, t)].until for t in job.tests if (job.name, t) in accounted]
+        if not known:
+            continue
         for test in job.tests:
+            found = accounted.get((job.name, test))
+            last = found.until if found else max(known) - timedelta(microseconds=1)
+            verdict = plan_catch_up(job.schedule, last, now, job.catch_up)
             if verdict.missed_count:
                 assert verdict.missed_first and verdict.missed_last
                 more = "" if verdict.counted_all else "at least "
@@ -485,8 +514,11 @@ def expected_catch_up(
                     f"{verdict.missed_last.isoformat()}: te-scheduler was not running"
                 )
                 rows.add((job.name, test, "schedule", verdict.missed_first, "missed", error))
-            if verdict.run:
-                rows.add((job.name, test, "catch-up", verdict.run, "success", None))
+            run = verdict.run
+            if run is None and found and found.unsent and not verdict.missed_count:
+                run = found.unsent if now - found.unsent <= job.catch_up else None
+            if run:
+                rows.add((job.name, test, "catch-up", run, "success", None))
     return rows
 
 

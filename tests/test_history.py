@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import sqlalchemy as sa
 
-from scheduler.store import db, history, tables
+from scheduler.store import db, history, recovery, tables
 from scheduler.store.history import AttemptKey
 from tests.conftest import T0, key
 
@@ -195,8 +195,9 @@ def test_interrupt_pending_counts_each_row_once_when_two_sweep_at_once(engine: s
     assert {r["error"] for r in history.query(engine, limit=0)} == {"by the other"}
 
 
-def test_last_scheduled_for_ignores_manual_rows(engine: sa.Engine) -> None:
-    assert history.last_scheduled_for(engine, "dns") is None
+def test_last_accounted_ignores_manual_rows(engine: sa.Engine) -> None:
+    # (history.last_scheduled_for, which only tests used, gave way to recovery.last_accounted)
+    assert recovery.last_accounted(engine) == {}
     add(engine, key("r1"), T0, "success", status=200)
     add(
         engine,
@@ -225,7 +226,11 @@ def test_last_scheduled_for_ignores_manual_rows(engine: sa.Engine) -> None:
         T0 + timedelta(hours=9),
         "pending",
     )
-    assert history.last_scheduled_for(engine, "dns") == T0 + timedelta(hours=2)
+    accounted = recovery.last_accounted(engine)
+    # The missed row (slot T0+2h) accounts for everything before it was written, T0+3h; the
+    # manual run at T0+5h is no slot.
+    assert accounted[("dns", "105")].until == T0 + timedelta(hours=3, microseconds=-1)
+    assert set(accounted) == {("dns", "105"), ("other", "105")}
 
 
 def test_query_filters_orders_and_limits(engine: sa.Engine) -> None:
@@ -410,7 +415,7 @@ def test_aware_times_round_trip_as_the_same_instant_in_utc(
     assert row["scheduled_for"] == berlin
     assert row["scheduled_for"].tzinfo == timezone.utc
     assert row["scheduled_for"] == datetime(2026, 7, 1, 6, 0, 0, 250000, tzinfo=timezone.utc)
-    assert history.last_scheduled_for(engine, "dns") == berlin
+    assert recovery.last_accounted(engine)[("dns", "105")].until == berlin
     raw = sqlite3.connect(db_file).execute("SELECT scheduled_for, started_at FROM attempts")
     assert raw.fetchone() == ("2026-07-01 06:00:00.250000", "2026-07-01 06:00:00.250000")
     with pytest.raises(sa.exc.StatementError, match="naive datetime"):

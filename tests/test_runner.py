@@ -168,15 +168,18 @@ def test_an_overlapping_firing_is_recorded_as_skipped(engine, simulator):
     caller.close()
 
 
-def test_shutdown_while_queued_marks_the_row_interrupted(engine, simulator, fake_clock):
+def test_shutdown_while_queued_records_the_firing_missed_never_sent(engine, simulator, fake_clock):
+    # Its call never left, so it is no "interrupted" call that may have reached the API:
+    # it is missed, and says so in a way a restart recognises (it may catch the slot up).
     stop = threading.Event()
     caller = Caller(ApiConfig(base_url=simulator.url), TOKEN)
     run = Runner(engine, caller.send, Limiter(Rate(1, 60.0), stop), stop)
     assert fire(run) == "success"  # uses the only call of this window
     stop.set()
-    assert run.fire(Firing(make_job(), "105", SLOT + timedelta(minutes=15))) == "interrupted"
+    assert run.fire(Firing(make_job(), "105", SLOT + timedelta(minutes=15))) == "missed"
     last = rows(engine)[-1]
-    assert last["outcome"] == "interrupted" and "before the call was sent" in last["error"]
+    assert last["outcome"] == "missed" and last["error"].startswith("never sent: ")
+    assert "shut down while the call waited" in last["error"]
     caller.close()
 
 

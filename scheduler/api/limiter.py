@@ -293,6 +293,18 @@ class Limiter:
                     heapq.heapify(self._queue)
                 self._wake_head()
 
+    def try_acquire(self, scheduled_for: datetime) -> Permit | None:
+        """A permit now if one is free without waiting (nobody queued, room left), else None."""
+        with self._lock:
+            if self._stop.is_set() or self._queue or (self._is_probing() and self._in_flight):
+                return None
+            self._merge_shared(clock.epoch())
+            if self._delay(clock.epoch()) > 0:
+                return None
+            waiter = _Waiter((scheduled_for, next(self._seq)), threading.Condition(self._mutex))
+            heapq.heappush(self._queue, waiter)
+            return self._grant(waiter)
+
     def complete(self, permit: Permit, result: CallResult | None) -> None:
         """Learn from the answer (headers, 429) and free the in-flight slot."""
         limited = result is not None and result.status_code == 429

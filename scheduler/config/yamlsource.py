@@ -378,7 +378,7 @@ class _Builder:
         if parent.__class__ is list:
             path = (*top.path, len(parent))
             self.doc.values[path] = where
-            parent.append(value)  # type: ignore[union-attr]
+            parent.append(value)
         elif top.key is _NO_KEY:
             top.key = self._key(top, value, where)
         else:
@@ -388,7 +388,7 @@ class _Builder:
                     top.merges = []
                 top.merges.append((value, where))
             elif key is not _BAD_KEY:
-                parent[key] = value  # type: ignore[call-overload]
+                parent[key] = value
                 path = (*top.path, key)
                 self.doc.values[path] = where
 

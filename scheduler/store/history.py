@@ -14,7 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import Engine
 
-from scheduler.outcomes import OUTCOMES, TRIGGERS
+from scheduler.outcomes import NEVER_SENT, OUTCOMES, QUEUED, TRIGGERS, Outcome
 from scheduler.store.db import translate_errors, write_transaction
 from scheduler.store.tables import FIRING_KEY, UTCDateTime, attempts
 from scheduler.store.writes import PreparedWrites, prepared_writes
@@ -44,9 +44,32 @@ class AttemptKey:
 _KEY_FIELDS = tuple(field.name for field in fields(AttemptKey))
 
 
-def start_attempt(engine: Engine, key: AttemptKey, started_at: datetime) -> int | None:
-    """Insert ``key`` as a committed 'pending' row; its id, or None if the key is taken."""
-    return _insert_unless_taken(engine, _key_values(key, started_at, "pending", None, None))
+STOPPED_WHILE_QUEUED = (
+    NEVER_SENT + "te-scheduler stopped while the call waited for the rate limiter"
+)
+
+
+def start_attempt(
+    engine: Engine, key: AttemptKey, started_at: datetime, *, queued: bool = False
+) -> int | None:
+    """Insert ``key`` as a committed 'pending' row; its id, or None if the key is taken.
+
+    ``queued``: the call still waits for the rate limiter, so the row says so (``QUEUED``)
+    until :func:`mark_sent`; a process that dies meanwhile leaves a call known never sent.
+    """
+    values = _key_values(key, started_at, "pending", QUEUED if queued else None, None)
+    return _insert_unless_taken(engine, values)
+
+
+def mark_sent(engine: Engine, attempt_id: int, started_at: datetime) -> None:
+    """A queued row's call is leaving now: its ``started_at`` is now and it is no longer queued."""
+    stmt = (
+        sa.update(attempts)
+        .where(attempts.c.id == attempt_id, attempts.c.outcome == "pending")
+        .values(started_at=started_at, error=None)
+    )
+    with translate_errors(engine, "marking an attempt sent"), write_transaction(engine) as conn:
+        conn.execute(stmt)
 
 
 def finish_attempt(
@@ -93,17 +116,39 @@ def record_attempt(
 
 
 def interrupt_pending(
-    engine: Engine, *, where_instance: Callable[[str], bool], finished_at: datetime, error: str
+    engine: Engine,
+    *,
+    where_instance: Callable[[str], bool],
+    finished_at: datetime,
+    error: str,
+    never_sent: str = STOPPED_WHILE_QUEUED,
+    keep: frozenset[int] = frozenset(),
 ) -> int:
-    """Mark pending rows of the instances ``where_instance`` accepts as 'interrupted'."""
-    ids = [row["id"] for row in pending_rows(engine) if where_instance(row["instance"])]
+    """End the pending rows of the instances ``where_instance`` accepts; returns how many.
+
+    A row still ``QUEUED`` never sent its call: it becomes ``missed`` (``never_sent``), so a
+    restart may catch its slot up. Any other may have reached the API: ``interrupted``
+    (``error``). Rows in ``keep`` (answers waiting for the database) are left alone.
+    """
+    rows = [
+        r for r in pending_rows(engine) if where_instance(r["instance"]) and r["id"] not in keep
+    ]
+    queued = [r["id"] for r in rows if r["error"] == QUEUED]
+    sent = [r["id"] for r in rows if r["error"] != QUEUED]
+    changed = _end_pending(engine, queued, finished_at, Outcome.MISSED, never_sent)
+    return changed + _end_pending(engine, sent, finished_at, Outcome.INTERRUPTED, error)
+
+
+def _end_pending(
+    engine: Engine, ids: list[int], finished_at: datetime, outcome: Outcome, error: str
+) -> int:
     changed = 0
     for chunk in _chunks(ids, _CHUNK):
         # Re-checking 'pending' in the UPDATE makes a concurrent sweep count each row once.
         stmt = (
             sa.update(attempts)
             .where(attempts.c.id.in_(chunk), attempts.c.outcome == "pending")
-            .values(outcome="interrupted", finished_at=finished_at, error=error)
+            .values(outcome=outcome, finished_at=finished_at, error=error)
         )
         with translate_errors(engine, "interrupting attempts"), write_transaction(engine) as conn:
             changed += conn.execute(stmt).rowcount
@@ -111,25 +156,14 @@ def interrupt_pending(
 
 
 def pending_rows(engine: Engine) -> list[dict[str, Any]]:
-    """id, instance, started_at, job and test_id of every row still 'pending'."""
+    """id, instance, started_at, job, test_id and error of every row still 'pending'."""
     c = attempts.c
     stmt = (
-        sa.select(c.id, c.instance, c.started_at, c.job, c.test_id)
+        sa.select(c.id, c.instance, c.started_at, c.job, c.test_id, c.error)
         .where(c.outcome == "pending")
         .order_by(c.id)
     )
     return _fetch(engine, stmt)
-
-
-def last_scheduled_for(engine: Engine, job: str) -> datetime | None:
-    """The latest slot ``job`` fired for on its schedule (any outcome), or None if never."""
-    c = attempts.c
-    stmt = sa.select(sa.func.max(c.scheduled_for)).where(
-        c.job == job, c.trigger.in_(("schedule", "catch-up"))
-    )
-    with translate_errors(engine, "reading history"), engine.connect() as conn:
-        result: datetime | None = conn.scalar(stmt)
-        return result
 
 
 def query(

@@ -51,14 +51,22 @@ def _one_line(exc: BaseException) -> str:
     return (message[0] if message else type(exc).__name__)[:200]
 
 
-def build_health(is_running: Callable[[], bool], engine: Engine) -> Health:
-    """The daemon's /healthz callable: the scheduler runs and the database answers."""
+def build_health(
+    is_running: Callable[[], bool],
+    engine: Engine,
+    history: Callable[[], str | None] = lambda: None,
+) -> Health:
+    """The daemon's /healthz callable: the scheduler runs, the database answers, and history
+    writes work (``history`` says why they do not, e.g. the daemon's write backlog)."""
 
     def health() -> tuple[bool, dict[str, str]]:
         running = is_running()
         db_ok, db_detail = database_health(engine)
+        writes = history()
         detail = {"scheduler": "running" if running else "stopped", "database": db_detail}
-        return running and db_ok, detail
+        if writes is not None:
+            detail["history"] = writes
+        return running and db_ok and writes is None, detail
 
     return health
 

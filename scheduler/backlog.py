@@ -1,0 +1,116 @@
+"""History writes that failed, kept in memory and retried until the database answers again.
+
+An answer from the API is a fact. When the database is away as it arrives, the row's
+completion waits here (its log line already says what happened) instead of being lost; the
+slots that came due meanwhile wait here as ``missed`` rows. Shutdown flushes what it can and
+logs, row by row, what it could not record. The backlog also tells /healthz the truth: history
+writes are failing from the first write that gave up until the backlog is written out.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from scheduler import clock
+
+log = logging.getLogger(__name__)
+
+MAX_ITEMS = 100_000  # beyond this the oldest are dropped (and logged): memory stays bounded
+
+
+@dataclass(frozen=True)
+class Item:
+    """One write to do again; ``what`` says it in full for the log should it never succeed."""
+
+    what: str
+    write: Callable[[], object]
+    row_id: int | None = None  # the attempts row this completes, if it completes one
+
+
+class Backlog:
+    """A thread-safe queue of failed writes, written out in order by :meth:`flush`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: deque[Item] = deque()
+        self._failing_since: datetime | None = None
+        self._last_error = ""
+
+    def add(self, item: Item, error: BaseException | str) -> None:
+        """Keep ``item`` for later; history writes count as failing from now on."""
+        with self._lock:
+            if len(self._items) >= MAX_ITEMS:
+                dropped = self._items.popleft()
+                log.error("History backlog full; giving up on: %s", dropped.what)
+            self._items.append(item)
+            self._note_failure(error)
+        log.warning("History write kept for later (%s): %s", error, item.what)
+
+    def failed(self, error: BaseException | str) -> None:
+        """A write failed (and is not kept here): history writes are failing."""
+        with self._lock:
+            self._note_failure(error)
+
+    def succeeded(self) -> None:
+        """A write went through: with nothing kept, history writes work again."""
+        if self._failing_since is None:
+            return  # the common case: no lock taken
+        with self._lock:
+            if not self._items:
+                self._failing_since = None
+
+    def flush(self) -> bool:
+        """Write out what is kept, oldest first, until one fails; True when nothing is left."""
+        while True:
+            with self._lock:
+                if not self._items:
+                    self._failing_since = None
+                    return True
+                item = self._items[0]
+            try:
+                item.write()
+            except Exception as exc:  # the database is still away: try again later
+                with self._lock:
+                    self._note_failure(exc)
+                return False
+            with self._lock:
+                if self._items and self._items[0] is item:
+                    self._items.popleft()
+            log.info("History write done after all: %s", item.what)
+
+    def row_ids(self) -> frozenset[int]:
+        """The rows whose completion waits here (not to be mistaken for interrupted calls)."""
+        with self._lock:
+            return frozenset(i.row_id for i in self._items if i.row_id is not None)
+
+    def problem(self) -> str | None:
+        """Why history writes are failing, for /healthz; None while they work."""
+        with self._lock:
+            if self._failing_since is None:
+                return None
+            waiting = f"; {len(self._items)} write(s) waiting" if self._items else ""
+            return (
+                f"history writes failing since {self._failing_since.isoformat()}: "
+                f"{self._last_error}{waiting}"
+            )
+
+    def give_up(self) -> list[str]:
+        """Empty the backlog and return what each kept write would have recorded."""
+        with self._lock:
+            lost = [item.what for item in self._items]
+            self._items.clear()
+            return lost
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+    def _note_failure(self, error: BaseException | str) -> None:
+        if self._failing_since is None:
+            self._failing_since = clock.now()
+        self._last_error = str(error).splitlines()[0][:300] if str(error) else repr(error)
