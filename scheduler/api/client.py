@@ -7,9 +7,15 @@ response body read.
 
 Transport choices, documented here because operators will ask:
 
-* ``timeout`` is passed to requests as ``(t, t)``: ``t`` to connect and ``t`` for each socket
-  read; the body read also stops once ``t`` has elapsed since the request started. A response
-  whose status line arrived keeps its status even if its body then stalls.
+* ``timeout`` bounds the whole attempt. requests gets ``(t, t)``: ``t`` to connect and ``t``
+  for each socket read; the body read stops once ``t`` has elapsed since the request started;
+  and since a server trickling bytes never trips a per-read timeout, a watchdog
+  (:mod:`scheduler.api.deadline`) shuts the socket down ``DEADLINE_MARGIN`` after ``t``. An
+  attempt whose status line had not arrived by then is a ``timeout``; a response whose status
+  line arrived keeps its status even if its body then stalls.
+* ``error`` holds printable text only: control, bidi and other invisible characters are
+  written as ``\\xNN``/``\\uNNNN`` escapes, so API text cannot reorder or forge what an operator
+  reads (in a terminal, a log line or a ``history`` table).
 * ``HTTPS_PROXY``/``NO_PROXY`` and ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE`` work as with curl
   when ``api.proxy`` is null, and an explicit ``api.proxy`` wins over the environment: exactly
   what requests does with ``trust_env`` on. requests would re-read the environment on every
@@ -33,9 +39,9 @@ from dataclasses import dataclass
 from urllib.parse import quote, urlencode
 
 import requests
-from requests.adapters import HTTPAdapter
 
 from scheduler import __version__, clock
+from scheduler.api.deadline import WATCHDOG, mount_watched
 from scheduler.config.model import ApiConfig
 from scheduler.logs import secrets_pattern
 
@@ -45,6 +51,7 @@ USER_AGENT = f"te-scheduler/{__version__}"
 BODY_CAP = 64 * 1024  # bytes of a response body we read at most; the rest is never downloaded
 TEXT_CAP = 200  # characters of a non-JSON body kept in ``error``
 ERROR_CAP = 300  # characters of ``error`` at most
+DEADLINE_MARGIN = 0.5  # seconds past ``timeout`` before the watchdog cuts an attempt off
 PREPARED_CAP = 4096  # prepared requests kept per caller (one per test and aid)
 BUCKETS = (
     ("organization", "X-Organization-Rate-Limit"),
@@ -98,9 +105,7 @@ def build_session(api: ApiConfig) -> requests.Session:
     """A session pooled for ``api.concurrency`` calls, with no retries of its own."""
     session = requests.Session()
     size = max(1, api.concurrency)
-    adapter = HTTPAdapter(pool_connections=size, pool_maxsize=size, max_retries=0)
-    session.mount("https://", adapter)
-    session.mount("http://", adapter)
+    mount_watched(session, pool_connections=size, pool_maxsize=size, max_retries=0)
     session.verify = api.verify_tls
     if api.proxy:
         session.proxies = {"http": api.proxy, "https": api.proxy}
@@ -167,17 +172,24 @@ class Caller:
         self._session.close()
 
     def _send(self, url: str, started: float) -> CallResult:
-        try:
-            response = self._post(url)
-        except requests.Timeout as exc:
-            return self._failure("timeout", exc, started)
-        except requests.RequestException as exc:
-            return self._failure("network_error", exc, started)
-        try:
-            body = _read_capped(response, started + self._api.timeout)
-        finally:
-            response.close()
+        with WATCHDOG.watch(self._api.timeout + DEADLINE_MARGIN) as deadline:
+            try:
+                response = self._post(url)
+            except requests.Timeout as exc:
+                return self._failure("timeout", exc, started)
+            except requests.RequestException as exc:
+                if deadline.expired:  # the watchdog cut a trickling answer off
+                    return self._overran(started)
+                return self._failure("network_error", exc, started)
+            try:
+                body = _read_capped(response, started + self._api.timeout)
+            finally:
+                response.close()
         return self._result(response, body, started)
+
+    def _overran(self, started: float) -> CallResult:
+        error = f"Timeout: no complete answer within {self._api.timeout:g} s"
+        return CallResult(None, "timeout", error, _elapsed_ms(started))
 
     def _post(self, url: str) -> requests.Response:
         """What ``session.post`` sends and returns, with the request prepared once per URL.
@@ -222,11 +234,20 @@ class Caller:
         outcome = _outcome(code)
         error = None
         if outcome != "success":
-            # Redact before anything is cut short, so no prefix of the token can survive.
-            text = body.decode(response.encoding or "utf-8", errors="replace") if body else ""
-            error = self._redact(_describe(response, self._redact(text)))
+            error = self._error_text(response, body)
         buckets = parse_buckets(response.headers)
         return CallResult(code, outcome, error, _elapsed_ms(started), buckets)
+
+    def _error_text(self, response: requests.Response, body: bytes) -> str:
+        """The ``error`` of a non-2xx answer; whatever its body holds, the status stands."""
+        code = response.status_code
+        try:
+            # Redact before anything is cut short, so no prefix of the token can survive.
+            text = body.decode(response.encoding or "utf-8", errors="replace") if body else ""
+            return self._redact(_describe(response, self._redact(text)))
+        except Exception:  # a body no reader copes with must not cost the status code
+            log.debug("Could not describe the HTTP %s answer's body", code, exc_info=True)
+            return _squash(f"HTTP {code} {response.reason or ''}")
 
     def _failure(self, outcome: str, exc: BaseException, started: float) -> CallResult:
         text = self._redact(f"{type(exc).__name__}: {_exception_reason(exc)}")
@@ -293,16 +314,16 @@ def _describe(response: requests.Response, text: str) -> str:
     if 300 <= code <= 399:
         location = response.headers.get("Location", "")
         message = f"HTTP {code} {response.reason}: redirect to {location} not followed"
-        return _truncate(message, ERROR_CAP)
+        return _truncate(_squash(message), ERROR_CAP)
     reason = _from_json(text) or _from_text(text)
-    return _truncate(reason or f"HTTP {code} {response.reason or ''}".strip(), ERROR_CAP)
+    return _truncate(reason or _squash(f"HTTP {code} {response.reason or ''}"), ERROR_CAP)
 
 
 def _from_json(text: str) -> str | None:
     """``error: error_description`` (401 shape) or ``title: detail`` (problem+json)."""
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested thousands deep
         return None
     if not isinstance(data, dict):
         return None
@@ -337,7 +358,23 @@ def _exception_reason(exc: BaseException) -> str:
 
 
 def _squash(text: str) -> str:
-    return " ".join(text.split())
+    """One line of printable text: whitespace runs become one space, the rest is escaped."""
+    return printable(" ".join(text.split()))
+
+
+def printable(text: str) -> str:
+    """``text`` with every non-printable character (controls, bidi overrides, zero-width and
+    other format characters, line separators) written as a ``\\xNN``/``\\uNNNN`` escape."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escape(c) for c in text)
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def _truncate(text: str, limit: int) -> str:

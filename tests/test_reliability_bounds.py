@@ -1,0 +1,204 @@
+"""Hostile peers at real boundaries: trickling and nested answers, forged text, odd files, signals.
+
+Issue 11 ("Reliability II"): each test here fails on the code before the fix it pins.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from scheduler.api.client import Caller, CallResult
+from scheduler.config import ApiConfig
+from tests.conftest import cli_env, run_cli, write_config
+
+TOKEN = "tok-8f1c2d9e0a"
+
+
+@pytest.fixture(autouse=True)
+def no_env_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loopback calls must not go through a proxy the machine happens to set."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+
+
+class TrickleServer:
+    """Reads a request head, sends ``head`` at once, then ``drip`` two bytes a second.
+
+    Each byte comes well within the per-read timeout (1 s here): only a bound on the whole
+    attempt can end the call.
+    """
+
+    def __init__(self, head: bytes = b"", drip: bytes = b"x" * 10_000) -> None:
+        self.head, self.drip = head, drip
+        self.stop = threading.Event()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v7"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.sock.close()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._talk, args=(conn,), daemon=True).start()
+
+    def _talk(self, conn: socket.socket) -> None:
+        with conn:
+            buffer = b""
+            while b"\r\n\r\n" not in buffer:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                buffer += data
+            try:
+                conn.sendall(self.head)
+                for byte in self.drip:
+                    if self.stop.wait(0.5):
+                        return
+                    conn.sendall(bytes([byte]))
+            except OSError:
+                return  # the client hung up: what a bounded client does
+
+
+@pytest.fixture
+def trickle() -> Iterator[type[TrickleServer]]:
+    servers: list[TrickleServer] = []
+
+    def make(head: bytes = b"", drip: bytes = b"x" * 10_000) -> TrickleServer:
+        servers.append(TrickleServer(head, drip))
+        return servers[-1]
+
+    yield make  # type: ignore[misc]
+    for server in servers:
+        server.close()
+
+
+def timed_send(url: str, timeout: float = 1.0) -> tuple[CallResult, float]:
+    caller = Caller(ApiConfig(base_url=url, timeout=timeout), TOKEN)
+    try:
+        started = time.monotonic()
+        result = caller.send("105", None)
+        return result, time.monotonic() - started
+    finally:
+        caller.close()
+
+
+# -- 1. api.timeout bounds the whole attempt ---------------------------------------------------
+
+
+def test_a_status_line_sent_a_byte_a_second_is_a_timeout_within_the_bound(trickle) -> None:
+    server = trickle(drip=b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    result, elapsed = timed_send(server.url, timeout=1.0)
+    assert (result.status_code, result.outcome) == (None, "timeout")
+    assert result.error == "Timeout: no complete answer within 1 s"
+    assert result.is_retryable
+    assert 1.0 <= elapsed < 2.5  # timeout + the watchdog's 0.5 s margin, and slack
+
+
+def test_headers_sent_a_byte_at_a_time_are_cut_off_and_the_status_stands(trickle) -> None:
+    server = trickle(head=b"HTTP/1.1 503 Slow Down\r\n", drip=b"X-Slow: " + b"y" * 1000)
+    result, elapsed = timed_send(server.url, timeout=1.0)
+    assert (result.status_code, result.outcome) == (503, "http_error")
+    assert elapsed < 2.5
+
+
+def test_a_201_whose_body_then_trickles_is_a_success_within_the_bound(trickle) -> None:
+    server = trickle(head=b"HTTP/1.1 201 Created\r\nContent-Length: 1000000\r\n\r\n")
+    result, elapsed = timed_send(server.url, timeout=1.0)
+    assert (result.status_code, result.outcome, result.error) == (201, "success", None)
+    assert not result.is_retryable
+    assert elapsed < 2.5
+
+
+def test_a_500_whose_body_trickles_keeps_its_status(trickle) -> None:
+    head = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 1000000\r\n\r\nbroken: "
+    server = trickle(head=head, drip=b"z" * 100)
+    result, elapsed = timed_send(server.url, timeout=1.0)
+    assert (result.status_code, result.outcome) == (500, "http_error")
+    assert result.error == "HTTP 500 Internal Server Error"
+    assert elapsed < 2.5
+
+
+def test_a_trickled_attempt_is_recorded_as_timeout_by_the_cli(trickle, tmp_path: Path) -> None:
+    server = trickle(drip=b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    db_path = tmp_path / "history.db"
+    cfg = write_config(
+        tmp_path / "jobs.yaml",
+        """
+        defaults: {retry: {attempts: 1}}
+        jobs:
+          - {name: slow, tests: [105], schedule: {every: 1h}}
+        """,
+        base_url=server.url,
+        db_url=f"sqlite:///{db_path}",
+        api_extra="  timeout: 1s\n  rate_limit: 600/min\n",
+    )
+    started = time.monotonic()
+    result = run_cli("-c", str(cfg), "trigger", "slow", env=cli_env(), timeout=30)
+    assert time.monotonic() - started < 15
+    assert result.returncode == 1, result.stderr
+    with sqlite3.connect(db_path) as conn:
+        found = conn.execute("SELECT status_code, outcome, error FROM attempts").fetchall()
+    assert found == [(None, "timeout", "Timeout: no complete answer within 1 s")]
+
+
+# -- 2. a nested JSON error body ---------------------------------------------------------------
+
+
+def answer(status: str, body: bytes, extra: bytes = b"") -> bytes:
+    return (
+        f"HTTP/1.1 {status}\r\nContent-Type: application/problem+json\r\n"
+        f"Content-Length: {len(body)}\r\n".encode()
+        + extra
+        + b"\r\n"
+        + body
+    )
+
+
+NESTED = b'{"title":' * 3000 + b"1" + b"}" * 3000
+
+
+@pytest.mark.parametrize(
+    ("status", "outcome", "retryable"),
+    [("404 Not Found", "http_error", False), ("429 Too Many Requests", "rate_limited", False)],
+)
+def test_a_nested_json_body_keeps_the_status(
+    trickle, status: str, outcome: str, retryable: bool
+) -> None:
+    server = trickle(
+        head=answer(status, NESTED, b"X-Instant-Test-Rate-Limit-Reset: 2000000000\r\n")
+    )
+    result, _ = timed_send(server.url, timeout=3.0)
+    assert (result.status_code, result.outcome) == (int(status[:3]), outcome)
+    assert result.is_retryable is retryable
+    assert result.error is not None and result.error.startswith('{"title":{"title":')
+    assert len(result.error) <= 200 and "\n" not in result.error
+    if outcome == "rate_limited":
+        assert [b.reset for b in result.buckets] == [2000000000.0]
+
+
+# -- 5. untrusted text: the error column and the logs ------------------------------------------
+
+HOSTILE = 'x" outcome=success job="other\x00\x1b[31m\u202eevil\r\nINFO forged'
+
+
+def test_the_error_column_keeps_only_printable_text(trickle) -> None:
+    body = json.dumps({"title": HOSTILE}).encode()
+    server = trickle(head=answer("400 Bad Request", body))
+    result, _ = timed_send(server.url, timeout=3.0)
+    assert result.error == 'x" outcome=success job="other\\x00\\x1b[31m\\u202eevil INFO forged'
+    assert result.error.isprintable()
