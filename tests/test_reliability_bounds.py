@@ -6,17 +6,21 @@ Issue 11 ("Reliability II"): each test here fails on the code before the fix it 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
 from scheduler.api.client import Caller, CallResult
 from scheduler.config import ApiConfig
+from scheduler.config.model import NotifyConfig
+from scheduler.notify import Notifier
 from tests.conftest import cli_env, run_cli, write_config
 
 TOKEN = "tok-8f1c2d9e0a"
@@ -202,3 +206,81 @@ def test_the_error_column_keeps_only_printable_text(trickle) -> None:
     result, _ = timed_send(server.url, timeout=3.0)
     assert result.error == 'x" outcome=success job="other\\x00\\x1b[31m\\u202eevil INFO forged'
     assert result.error.isprintable()
+
+
+# -- 3. the notifier reads at most a few KiB of any answer, within its timeout -----------------
+
+
+class EndlessAnswer:
+    """Answers ``Content-Length: 2147483648`` and streams (200 MB at most, then stalls)."""
+
+    def __init__(self) -> None:
+        self.hung_up = threading.Event()
+        self.sent = 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/ping/uuid"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return
+        with conn:
+            conn.recv(65536)  # the request (a ping is tiny)
+            try:
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2147483648\r\n\r\n")
+                chunk = b"\0" * 65536
+                while self.sent < 200_000_000:  # a cap, so the unfixed code fails gently
+                    conn.sendall(chunk)
+                    self.sent += len(chunk)
+                conn.settimeout(30)
+                while conn.recv(65536):
+                    pass
+            except OSError:
+                pass
+            self.hung_up.set()
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_a_ping_answered_with_an_endless_body_costs_little_memory_and_time() -> None:
+    server = EndlessAnswer()
+    notifier = Notifier()
+    try:
+        before = peak = rss_bytes()
+        started = time.monotonic()
+        notifier.firing_started("job", "105", NotifyConfig(ping_url=server.url, timeout=2.0))
+        while not server.hung_up.wait(0.05) and time.monotonic() - started < 30:
+            peak = max(peak, rss_bytes())
+        elapsed = time.monotonic() - started
+    finally:
+        notifier.close()
+        server.close()
+    assert server.hung_up.is_set()
+    assert elapsed < 3.5  # the 2 s timeout, the watchdog's margin, and slack
+    assert peak - before < 32 * 1024 * 1024
+
+
+def test_a_webhook_trickling_its_status_line_is_cut_off_at_the_timeout(
+    trickle, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = trickle(drip=b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    notifier = Notifier()
+    cfg = NotifyConfig(webhook=server.url, after=1, timeout=1.0)
+    try:
+        started = time.monotonic()
+        notifier.firing_finished("job", "105", "timeout", None, datetime.now(timezone.utc), cfg)
+        while "failed" not in caplog.text and time.monotonic() - started < 30:
+            time.sleep(0.05)
+        elapsed = time.monotonic() - started
+    finally:
+        notifier.close()
+    assert "Notification to 127.0.0.1" in caplog.text
+    assert elapsed < 2.5
