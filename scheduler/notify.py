@@ -12,7 +12,8 @@ Every send happens on one background thread (in order, each bounded by ``timeout
 slow or dead endpoint never delays a firing; a failed send is logged as a warning, never
 raised. ``timeout`` bounds the whole send, not each socket read (a watchdog shuts the socket
 of an endpoint that trickles its answer), and at most ``READ_CAP`` bytes of any answer are
-read: its status is all a send needs. Log lines name only the endpoint's host: webhook and ping URLs carry secrets.
+read: its status is all a send needs. Log lines name only the endpoint's host: webhook and
+ping URLs carry secrets.
 """
 
 from __future__ import annotations
