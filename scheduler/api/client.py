@@ -32,7 +32,6 @@ import functools
 import html
 import json
 import logging
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -266,25 +265,30 @@ def parse_buckets(headers: Mapping[str, str]) -> tuple[RateLimitBucket, ...]:
         raw = [headers.get(f"{prefix}-{part}") for part in ("Limit", "Remaining", "Reset")]
         if all(value is None for value in raw):
             continue
-        reset = _parse_number(raw[2])
-        buckets.append(RateLimitBucket(name, _as_int(raw[0]), _as_int(raw[1]), reset))
+        limit, remaining = _as_count(raw[0]), _as_count(raw[1])
+        # A limit of 0 calls a window would stop every call: not a value to act on.
+        buckets.append(RateLimitBucket(name, limit or None, remaining, _parse_number(raw[2])))
     return tuple(buckets)
 
 
+# Plain ASCII digits only: float() and int() would also take "1_000", "1e9", "+5" or
+# non-ASCII digits, none of which a server means as a count or a time.
+_COUNT = re.compile(r"[0-9]{1,18}")
+_NUMBER = re.compile(r"[0-9]{1,18}(?:\.[0-9]{1,9})?")
+
+
 def _parse_number(value: str | None) -> float | None:
-    """A finite, non-negative number from a header value, else None."""
-    if value is None:
+    """A plain non-negative decimal (``1700000000`` or ``1700000000.5``) from a header, else None."""
+    if value is None or not _NUMBER.fullmatch(value.strip()):
         return None
-    try:
-        number = float(value.strip())
-    except ValueError:
-        return None
-    return number if math.isfinite(number) and number >= 0 else None
+    return float(value.strip())
 
 
-def _as_int(value: str | None) -> int | None:
-    number = _parse_number(value)
-    return None if number is None else int(number)
+def _as_count(value: str | None) -> int | None:
+    """A plain non-negative integer from a header value, else None."""
+    if value is None or not _COUNT.fullmatch(value.strip()):
+        return None
+    return int(value.strip())
 
 
 def _outcome(code: int) -> str:
