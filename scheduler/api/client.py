@@ -278,7 +278,7 @@ _NUMBER = re.compile(r"[0-9]{1,18}(?:\.[0-9]{1,9})?")
 
 
 def _parse_number(value: str | None) -> float | None:
-    """A plain non-negative decimal (``1700000000`` or ``1700000000.5``) from a header, else None."""
+    """A plain non-negative decimal (``1700000000``, ``1700000000.5``) from a header, or None."""
     if value is None or not _NUMBER.fullmatch(value.strip()):
         return None
     return float(value.strip())
