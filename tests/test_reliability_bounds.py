@@ -6,7 +6,9 @@ Issue 11 ("Reliability II"): each test here fails on the code before the fix it 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import socket
 import sqlite3
 import threading
@@ -284,3 +286,66 @@ def test_a_webhook_trickling_its_status_line_is_cut_off_at_the_timeout(
         notifier.close()
     assert "Notification to 127.0.0.1" in caplog.text
     assert elapsed < 2.5
+
+
+FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
+
+
+def hostile_trigger(trickle, tmp_path: Path, log_format: str) -> list[str]:
+    """``trigger`` a job whose test the API answers 400 with HOSTILE as its title."""
+    body = json.dumps({"title": HOSTILE}).encode()
+    server = trickle(head=answer("400 Bad Request", body))
+    cfg = write_config(
+        tmp_path / "jobs.yaml",
+        """
+        defaults: {retry: {attempts: 1}}
+        jobs:
+          - {name: hostile, tests: [105], schedule: {every: 1h}}
+        """,
+        base_url=server.url,
+        db_url=f"sqlite:///{tmp_path / 'history.db'}",
+        api_extra="  timeout: 3s\n  rate_limit: 600/min\n",
+    )
+    result = run_cli("--log-format", log_format, "-c", str(cfg), "trigger", "hostile")
+    assert result.returncode == 1, result.stderr
+    return result.stderr.splitlines()
+
+
+def test_api_text_cannot_forge_or_hide_fields_of_a_text_log_line(trickle, tmp_path: Path) -> None:
+    lines = hostile_trigger(trickle, tmp_path, "text")
+    attempt = [line for line in lines if "attempt=1" in line]
+    assert len(attempt) == 1, lines
+    fields = FIELD.findall(attempt[0])
+    assert [v for k, v in fields if k == "outcome"] == ["http_error"]
+    assert [v for k, v in fields if k == "job"] == ['"hostile"']
+    error = [v for k, v in fields if k == "error"]
+    assert error == [r'"x\" outcome=success job=\"other\\x00\\x1b[31m\\u202eevil INFO forged"']
+    assert not any(line.startswith("INFO forged") for line in lines)
+    assert all(line.isprintable() for line in lines)
+
+
+def test_json_log_lines_carry_api_text_escaped(trickle, tmp_path: Path) -> None:
+    lines = hostile_trigger(trickle, tmp_path, "json")
+    entries = [json.loads(line) for line in lines if line.startswith("{")]
+    attempt = [e for e in entries if e.get("attempt") == 1]
+    assert [(e["outcome"], e["job"]) for e in attempt] == [("http_error", "hostile")]
+    assert 'error="x" outcome=success job="other\\x00' in attempt[0]["message"]
+    assert all(line.isascii() and line.isprintable() for line in lines)
+
+
+def test_a_format_and_a_secret_survive_the_text_formatter() -> None:
+    from scheduler.logs import TextFormatter, _secrets, add_secret
+
+    add_secret("tok-SECRET-0123456789")
+    record = logging.LogRecord(
+        "x",
+        logging.INFO,
+        __file__,
+        1,
+        'job="%s" n=%05d %s%%',
+        ('a"b', 7, "tok-SECRET-0123456789"),
+        None,
+    )
+    assert _secrets.filter(record)
+    line = TextFormatter().format(record)
+    assert line.endswith(r'job="a\"b" n=00007 ***%')

@@ -42,7 +42,7 @@ import requests
 from scheduler import __version__, clock
 from scheduler.api.deadline import WATCHDOG, mount_watched
 from scheduler.config.model import ApiConfig
-from scheduler.logs import secrets_pattern
+from scheduler.logs import printable, secrets_pattern
 
 log = logging.getLogger(__name__)
 
@@ -364,21 +364,6 @@ def _exception_reason(exc: BaseException) -> str:
 def _squash(text: str) -> str:
     """One line of printable text: whitespace runs become one space, the rest is escaped."""
     return printable(" ".join(text.split()))
-
-
-def printable(text: str) -> str:
-    """``text`` with every non-printable character (controls, bidi overrides, zero-width and
-    other format characters, line separators) written as a ``\\xNN``/``\\uNNNN`` escape."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else _escape(c) for c in text)
-
-
-def _escape(char: str) -> str:
-    code = ord(char)
-    if code < 0x100:
-        return f"\\x{code:02x}"
-    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def _truncate(text: str, limit: int) -> str:
