@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from scheduler.api.client import Caller, CallResult
-from scheduler.config import ApiConfig
+from scheduler.config import ApiConfig, load_token
 from scheduler.config.model import NotifyConfig
 from scheduler.notify import Notifier
 from tests.conftest import cli_env, run_cli, write_config
@@ -349,3 +349,57 @@ def test_a_format_and_a_secret_survive_the_text_formatter() -> None:
     assert _secrets.filter(record)
     line = TextFormatter().format(record)
     assert line.endswith(r'job="a\"b" n=00007 ***%')
+
+
+# -- 6. the token file ---------------------------------------------------------------------------
+
+
+def token_config(tmp_path: Path, token_file: str) -> Path:
+    (tmp_path / "jobs.yaml").write_text(
+        f"version: 1\napi:\n  base_url: http://127.0.0.1:9/v7\n  token_file: {token_file}\n"
+        f"history:\n  url: sqlite:///{tmp_path / 'history.db'}\n"
+        "jobs:\n  - {name: j, tests: [105], schedule: {every: 1h}}\n"
+    )
+    return tmp_path / "jobs.yaml"
+
+
+def test_a_fifo_as_token_file_is_refused_at_once(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "token")
+    started = time.monotonic()
+    result = run_cli("-c", str(token_config(tmp_path, "token")), "trigger", "j", timeout=20)
+    assert time.monotonic() - started < 15
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (
+        f"te-scheduler: error: the token file {tmp_path / 'token'} is not a regular file "
+        "(a FIFO); point api.token_file at a file holding the token"
+    )
+
+
+def test_a_directory_as_token_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "token").mkdir()
+    result = run_cli("-c", str(token_config(tmp_path, "token")), "trigger", "j", timeout=20)
+    assert result.returncode == 2
+    assert "is not a regular file (a directory)" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("mode", "who"), [(0o644, "group and others"), (0o640, "its group"), (0o604, "others")]
+)
+def test_a_token_file_others_can_read_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, mode: int, who: str
+) -> None:
+    path = tmp_path / "token"
+    path.write_text("tok-abc-123\n")
+    path.chmod(mode)
+    assert load_token(ApiConfig(token_file=path)) == "tok-abc-123"
+    assert f"The token file {path} is readable by {who}; chmod 600 it" in caplog.text
+
+
+def test_a_private_token_file_is_read_quietly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "token"
+    path.write_text("tok-abc-123\n")
+    path.chmod(0o600)
+    assert load_token(ApiConfig(token_file=path)) == "tok-abc-123"
+    assert caplog.text == ""
