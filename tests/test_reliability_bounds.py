@@ -403,3 +403,37 @@ def test_a_private_token_file_is_read_quietly(
     path.chmod(0o600)
     assert load_token(ApiConfig(token_file=path)) == "tok-abc-123"
     assert caplog.text == ""
+
+
+# -- 7. history.url in a missing directory ------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["db", "upgrade"], ["trigger", "j"]])
+def test_a_database_in_a_missing_directory_is_an_error_not_a_new_directory(
+    tmp_path: Path, command: list[str]
+) -> None:
+    cfg = write_config(
+        tmp_path / "jobs.yaml",
+        "jobs:\n  - {name: j, tests: [105], schedule: {every: 1h}}\n",
+        base_url="http://127.0.0.1:9/v7",
+        db_url="sqlite:///data/nope/history.db",  # relative: to the config file's folder
+    )
+    result = run_cli("-c", str(cfg), *command)
+    assert result.returncode == 3, result.stderr
+    missing = tmp_path / "data" / "nope"
+    assert result.stderr.strip() == (
+        f"te-scheduler: error: cannot create the database file {missing / 'history.db'}: "
+        f"{missing} does not exist (create the directory, or fix history.url)"
+    )
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_database_next_to_the_config_file_is_created_there(tmp_path: Path) -> None:
+    cfg = write_config(
+        tmp_path / "jobs.yaml",
+        "jobs:\n  - {name: j, tests: [105], schedule: {every: 1h}}\n",
+        db_url="sqlite:///history.db",
+    )
+    result = run_cli("-c", str(cfg), "db", "upgrade", cwd=Path("/"))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "history.db").stat().st_mode & 0o777 == 0o600
