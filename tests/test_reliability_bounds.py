@@ -9,8 +9,11 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -437,3 +440,31 @@ def test_a_database_next_to_the_config_file_is_created_there(tmp_path: Path) -> 
     result = run_cli("-c", str(cfg), "db", "upgrade", cwd=Path("/"))
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "history.db").stat().st_mode & 0o777 == 0o600
+
+
+# -- 8. simulate stops on SIGINT even when started with SIGINT ignored ---------------------------
+
+
+def test_simulate_started_with_sigint_ignored_still_stops_on_sigint(tmp_path: Path) -> None:
+    log_path = tmp_path / "simulate.log"
+    with log_path.open("w") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "scheduler", "simulate", "--port", "0"],
+            env=cli_env(),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            # What `te-scheduler simulate &` in a non-interactive shell script does to SIGINT.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        )
+        try:
+            deadline = time.monotonic() + 20
+            while "Simulated ThousandEyes API at" not in log_path.read_text():
+                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            code = proc.wait(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert code == 0, log_path.read_text()
