@@ -4,6 +4,13 @@ Attempt lines carry structured fields (job, test, run_id, attempt, status, outco
 duration, lag) through ``extra=``; the JSON formatter emits them as keys. A filter scrubs
 every secret we know of (the API token) from every record, whatever logged it: a long
 secret wherever it occurs, a short one only as a whole token.
+
+Text lines carry untrusted text (API error bodies, exception messages), so the text formatter
+keeps each record on one line of printable characters: controls, bidi overrides and line
+breaks are written as ``\\xNN``/``\\uNNNN`` escapes. A value logged inside double quotes
+(``job="%s"``, or an argument that is a whole `` key="value"`` field) has its ``"`` and ``\\``
+escaped, so it cannot close its quotes and forge another field. JSON lines need none of
+this: ``json.dumps`` escapes them (``ensure_ascii``).
 """
 
 from __future__ import annotations
@@ -13,12 +20,20 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 LEVELS = ("debug", "info", "warning", "error")
 FORMATS = ("text", "json")
 
+# A record's message and arguments as logged, kept by SecretFilter for the text formatter.
+_ORIGINAL = "_te_original"
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    _ORIGINAL,
+}
 
 
 # A secret this long cannot turn up inside other text by chance, so it is masked wherever
@@ -50,6 +65,8 @@ class SecretFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if self._pattern is None:
             return True
+        if not hasattr(record, _ORIGINAL):  # the text formatter rebuilds the message from these
+            setattr(record, _ORIGINAL, (record.msg, record.args, self.scrub))
         record.msg, record.args = self.scrub(record.getMessage()), None
         for key, value in vars(record).items():
             if key not in _STANDARD and isinstance(value, str):
@@ -84,7 +101,7 @@ def add_secret(secret: str) -> None:
 
 
 class TextFormatter(logging.Formatter):
-    """``2026-11-27T06:00:00.123Z INFO scheduler.runner message``."""
+    """``2026-11-27T06:00:00.123Z INFO scheduler.runner message``, one line, fields unforgeable."""
 
     converter = time.gmtime  # type: ignore[assignment]  # typeshed narrows gmtime's argument
 
@@ -93,6 +110,82 @@ class TextFormatter(logging.Formatter):
             "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s %(message)s",
             datefmt="%Y-%m-%dT%H:%M:%S",
         )
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg, args, scrub = getattr(record, _ORIGINAL, (record.msg, record.args, _no_secrets))
+        saved = record.msg, record.args
+        record.msg, record.args = safe_message(msg, args, scrub), None
+        try:
+            return super().format(record)
+        finally:
+            record.msg, record.args = saved
+
+
+# A printf conversion, to find the ones written between double quotes (``job="%s"``).
+_CONVERSION = re.compile(r"%(?:\([^)]*\))?[#0 +-]*(?:\*|\d+)?(?:\.(?:\*|\d+))?[hlL]?([a-zA-Z%])")
+# An argument that is a whole optional field, as the runner logs `` error="..."``.
+_FIELD = re.compile(r'( ?[A-Za-z_]+=)"(.*)"', re.DOTALL)
+
+
+def _no_secrets(text: str) -> str:
+    return text
+
+
+def safe_message(msg: object, args: Any, scrub: Callable[[str], str] = _no_secrets) -> str:
+    """``msg % args`` on one printable line, quoted values escaped (see the module docstring).
+
+    ``scrub`` masks secrets; it runs before anything is escaped, which could split a secret.
+    """
+    text = str(msg)
+    if isinstance(args, tuple) and args:
+        quoted = _quoted_arguments(text)
+        args = tuple(_safe_argument(arg, i in quoted, scrub) for i, arg in enumerate(args))
+    if args:
+        text = text % args
+    return printable(scrub(text))
+
+
+def _quoted_arguments(fmt: str) -> set[int]:
+    """Indexes of the ``%s`` arguments that ``fmt`` writes between double quotes."""
+    found, index = set(), 0
+    for match in _CONVERSION.finditer(fmt):
+        if match[1] == "%":
+            continue
+        index += match[0].count("*")  # a ``*`` width or precision takes an argument first
+        before, after = fmt[match.start() - 1 : match.start()], fmt[match.end() : match.end() + 1]
+        if match[1] == "s" and before == after == '"':
+            found.add(index)
+        index += 1
+    return found
+
+
+def _safe_argument(arg: object, quoted: bool, scrub: Callable[[str], str]) -> object:
+    if quoted:
+        return _escape_quotes(scrub(str(arg)))
+    if isinstance(arg, str):
+        field = _FIELD.fullmatch(arg)
+        if field:
+            return f'{field[1]}"{_escape_quotes(scrub(field[2]))}"'
+    return arg
+
+
+def _escape_quotes(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def printable(text: str) -> str:
+    """``text`` with every non-printable character (controls, bidi overrides, zero-width and
+    other format characters, line breaks) written as a ``\\xNN``/``\\uNNNN`` escape."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escape(c) for c in text)
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 class JsonFormatter(logging.Formatter):

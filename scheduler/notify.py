@@ -10,7 +10,10 @@ the firings it ran.
 
 Every send happens on one background thread (in order, each bounded by ``timeout``), so a
 slow or dead endpoint never delays a firing; a failed send is logged as a warning, never
-raised. Log lines name only the endpoint's host: webhook and ping URLs carry secrets.
+raised. ``timeout`` bounds the whole send, not each socket read (a watchdog shuts the socket
+of an endpoint that trickles its answer), and at most ``READ_CAP`` bytes of any answer are
+read: its status is all a send needs. Log lines name only the endpoint's host: webhook and
+ping URLs carry secrets.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ NEUTRAL = frozenset({"skipped", "claimed-elsewhere"})
 ERROR_CAP = 300  # characters of ``last_error`` in a message
 QUEUE_SIZE = 1000  # sends waiting at most; beyond that new ones are dropped (and logged)
 USER_AGENT = f"te-scheduler/{__version__}"
+READ_CAP = 4096  # bytes of an answer read at most (to let a small one keep its connection)
+DEADLINE_MARGIN = 0.5  # seconds past a send's timeout before the watchdog cuts it off
 
 
 @dataclass
@@ -64,7 +69,9 @@ class Notifier:
     ) -> None:
         import requests
 
-        self._session = session or requests.Session()
+        from scheduler.api.deadline import mount_watched
+
+        self._session = session or mount_watched(requests.Session())
         self._own_session = session is None
         self._session.headers.setdefault("User-Agent", USER_AGENT)
         self.instance = instance
@@ -230,16 +237,20 @@ class Notifier:
     def _deliver(self, send: _Send) -> None:
         import requests
 
+        from scheduler.api.deadline import WATCHDOG
+
         try:
-            response = self._session.request(
-                send.method,
-                send.url,
-                json=send.json,
-                data=None if send.body is None else send.body.encode(),
-                timeout=send.timeout,
-                allow_redirects=False,
-            )
-            response.close()
+            with WATCHDOG.watch(send.timeout + DEADLINE_MARGIN):
+                response = self._session.request(
+                    send.method,
+                    send.url,
+                    json=send.json,
+                    data=None if send.body is None else send.body.encode(),
+                    timeout=send.timeout,
+                    allow_redirects=False,
+                    stream=True,  # the body is never wanted; a huge one must not be read
+                )
+                _drain(response)
         except requests.RequestException as exc:
             # The exception text repeats the URL and its secret path; the type is enough.
             log.warning("Notification to %s failed: %s", _host(send.url), type(exc).__name__)
@@ -251,6 +262,18 @@ class Notifier:
             log.warning(
                 "Notification to %s answered HTTP %d", _host(send.url), response.status_code
             )
+
+
+def _drain(response: requests.Response) -> None:
+    """Read at most READ_CAP bytes of the answer, then close it; a broken body is ignored."""
+    import requests
+
+    try:
+        next(response.iter_content(READ_CAP), None)
+    except (requests.RequestException, OSError):
+        pass  # the status has arrived; the body was only read to free the connection
+    finally:
+        response.close()
 
 
 def _ping(base: str, suffix: str, rid: str | None) -> str:

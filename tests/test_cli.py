@@ -325,6 +325,8 @@ def test_read_only_commands_need_only_the_database_and_never_create_it(tmp_path:
         assert result.returncode == 3, (command, result.stderr)
         assert "no history database at" in result.stderr
     assert not (tmp_path / "typo").exists()
+    assert run_cli("--db", url, "db", "upgrade", cwd=tmp_path).returncode == 3  # nor its folder
+    (tmp_path / "typo").mkdir()
     assert run_cli("--db", url, "db", "upgrade", cwd=tmp_path).returncode == 0
     listed = run_cli("--db", url, "history", "--format", "json", cwd=tmp_path)
     assert listed.returncode == 0 and json.loads(listed.stdout) == []

@@ -409,28 +409,39 @@ def test_bad_reset_headers_become_none(sim: Simulator) -> None:
 
 
 @pytest.mark.parametrize(
-    ("raw", "number"),
+    ("raw", "count", "number"),
     [
-        ("1700000000", 1700000000.0),
-        ("1700000000.0", 1700000000.0),
-        (" 1700000000 ", 1700000000.0),
-        ("-5", None),
-        ("", None),
-        ("abc", None),
-        ("nan", None),
-        ("inf", None),
+        ("1700000000", 1700000000, 1700000000.0),
+        ("1700000000.0", None, 1700000000.0),  # a count is plain digits
+        (" 1700000000 ", 1700000000, 1700000000.0),
+        ("-5", None, None),
+        ("", None, None),
+        ("abc", None, None),
+        ("nan", None, None),
+        ("inf", None, None),
+        ("1_000", None, None),  # float() and int() would take these four
+        ("1e308", None, None),
+        ("+5", None, None),
+        ("\u0661\u0662", None, None),  # Arabic-Indic digits
+        ("1" * 309, None, None),
     ],
 )
-def test_parse_buckets_is_robust(raw: str, number: float | None) -> None:
+def test_parse_buckets_is_robust(raw: str, count: int | None, number: float | None) -> None:
     headers = {
         "X-Instant-Test-Rate-Limit-Limit": raw,
         "X-Instant-Test-Rate-Limit-Remaining": raw,
         "X-Instant-Test-Rate-Limit-Reset": raw,
     }
-    expected_int = None if number is None else int(number)
-    assert parse_buckets(headers) == (
-        RateLimitBucket("instant-test", expected_int, expected_int, number),
-    )
+    assert parse_buckets(headers) == (RateLimitBucket("instant-test", count, count, number),)
+
+
+def test_a_limit_of_zero_is_ignored_but_nothing_remaining_is_kept() -> None:
+    headers = {
+        "X-Instant-Test-Rate-Limit-Limit": "0",
+        "X-Instant-Test-Rate-Limit-Remaining": "0",
+        "X-Instant-Test-Rate-Limit-Reset": "1700000000",
+    }
+    assert parse_buckets(headers) == (RateLimitBucket("instant-test", None, 0, 1700000000.0),)
 
 
 def test_no_rate_limit_headers_no_buckets() -> None:

@@ -100,6 +100,28 @@ def test_a_429_pauses_every_caller_until_the_reset(fake_clock):
     assert clock.epoch() - before < 32
 
 
+@pytest.mark.parametrize(("period", "ahead"), [(60.0, 365 * 86400.0), (60.0, 1e308), (600.0, 1e10)])
+def test_a_429_with_a_reset_years_ahead_pauses_for_one_window(fake_clock, caplog, period, ahead):
+    limiter = Limiter(Rate(100, period), threading.Event())
+    permit = limiter.acquire(SLOT)
+    assert permit is not None
+    limiter.complete(permit, result(429, clock.epoch() + ahead))
+    window = max(60.0, period)  # the API's minute, or rate_limit's period when longer
+    assert limiter.paused_until() == pytest.approx(clock.epoch() + window + RESET_MARGIN)
+    assert "more than two rate-limit windows" in caplog.text
+    assert f"pausing the token for one window ({window:g} s)" in caplog.text
+
+
+def test_a_429_with_a_reset_two_windows_ahead_is_believed(fake_clock, caplog):
+    limiter = Limiter(Rate(100, 60.0), threading.Event())
+    permit = limiter.acquire(SLOT)
+    assert permit is not None
+    reset = clock.epoch() + 110
+    limiter.complete(permit, result(429, reset))
+    assert limiter.paused_until() == pytest.approx(reset + RESET_MARGIN)
+    assert "not believed" not in caplog.text
+
+
 def test_remaining_zero_holds_calls_until_reset(fake_clock):
     stop = threading.Event()
     limiter = Limiter(Rate(100, 60.0), stop)

@@ -111,6 +111,7 @@ def test_ensure_ready_on_a_revision_from_a_newer_release(engine: sa.Engine) -> N
 
 def test_sqlite_file_is_private_and_in_wal_mode(tmp_path: Path) -> None:
     path = tmp_path / "new" / "folder" / "history.db"
+    path.parent.mkdir(parents=True)  # only the file is created, never its folder
     previous = os.umask(0o022)  # the usual umask would give 0644 without the explicit create
     try:
         engine = db.make_engine(f"sqlite:///{path}")

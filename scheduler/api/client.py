@@ -7,9 +7,15 @@ response body read.
 
 Transport choices, documented here because operators will ask:
 
-* ``timeout`` is passed to requests as ``(t, t)``: ``t`` to connect and ``t`` for each socket
-  read; the body read also stops once ``t`` has elapsed since the request started. A response
-  whose status line arrived keeps its status even if its body then stalls.
+* ``timeout`` bounds the whole attempt. requests gets ``(t, t)``: ``t`` to connect and ``t``
+  for each socket read; the body read stops once ``t`` has elapsed since the request started;
+  and since a server trickling bytes never trips a per-read timeout, a watchdog
+  (:mod:`scheduler.api.deadline`) shuts the socket down ``DEADLINE_MARGIN`` after ``t``. An
+  attempt whose status line had not arrived by then is a ``timeout``; a response whose status
+  line arrived keeps its status even if its body then stalls.
+* ``error`` holds printable text only: control, bidi and other invisible characters are
+  written as ``\\xNN``/``\\uNNNN`` escapes, so API text cannot reorder or forge what an operator
+  reads (in a terminal, a log line or a ``history`` table).
 * ``HTTPS_PROXY``/``NO_PROXY`` and ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE`` work as with curl
   when ``api.proxy`` is null, and an explicit ``api.proxy`` wins over the environment: exactly
   what requests does with ``trust_env`` on. requests would re-read the environment on every
@@ -26,18 +32,17 @@ import functools
 import html
 import json
 import logging
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import quote, urlencode
 
 import requests
-from requests.adapters import HTTPAdapter
 
 from scheduler import __version__, clock
+from scheduler.api.deadline import WATCHDOG, mount_watched
 from scheduler.config.model import ApiConfig
-from scheduler.logs import secrets_pattern
+from scheduler.logs import printable, secrets_pattern
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +50,7 @@ USER_AGENT = f"te-scheduler/{__version__}"
 BODY_CAP = 64 * 1024  # bytes of a response body we read at most; the rest is never downloaded
 TEXT_CAP = 200  # characters of a non-JSON body kept in ``error``
 ERROR_CAP = 300  # characters of ``error`` at most
+DEADLINE_MARGIN = 0.5  # seconds past ``timeout`` before the watchdog cuts an attempt off
 PREPARED_CAP = 4096  # prepared requests kept per caller (one per test and aid)
 BUCKETS = (
     ("organization", "X-Organization-Rate-Limit"),
@@ -98,9 +104,7 @@ def build_session(api: ApiConfig) -> requests.Session:
     """A session pooled for ``api.concurrency`` calls, with no retries of its own."""
     session = requests.Session()
     size = max(1, api.concurrency)
-    adapter = HTTPAdapter(pool_connections=size, pool_maxsize=size, max_retries=0)
-    session.mount("https://", adapter)
-    session.mount("http://", adapter)
+    mount_watched(session, pool_connections=size, pool_maxsize=size, max_retries=0)
     session.verify = api.verify_tls
     if api.proxy:
         session.proxies = {"http": api.proxy, "https": api.proxy}
@@ -167,17 +171,24 @@ class Caller:
         self._session.close()
 
     def _send(self, url: str, started: float) -> CallResult:
-        try:
-            response = self._post(url)
-        except requests.Timeout as exc:
-            return self._failure("timeout", exc, started)
-        except requests.RequestException as exc:
-            return self._failure("network_error", exc, started)
-        try:
-            body = _read_capped(response, started + self._api.timeout)
-        finally:
-            response.close()
+        with WATCHDOG.watch(self._api.timeout + DEADLINE_MARGIN) as deadline:
+            try:
+                response = self._post(url)
+            except requests.Timeout as exc:
+                return self._failure("timeout", exc, started)
+            except requests.RequestException as exc:
+                if deadline.expired:  # the watchdog cut a trickling answer off
+                    return self._overran(started)
+                return self._failure("network_error", exc, started)
+            try:
+                body = _read_capped(response, started + self._api.timeout)
+            finally:
+                response.close()
         return self._result(response, body, started)
+
+    def _overran(self, started: float) -> CallResult:
+        error = f"Timeout: no complete answer within {self._api.timeout:g} s"
+        return CallResult(None, "timeout", error, _elapsed_ms(started))
 
     def _post(self, url: str) -> requests.Response:
         """What ``session.post`` sends and returns, with the request prepared once per URL.
@@ -222,11 +233,20 @@ class Caller:
         outcome = _outcome(code)
         error = None
         if outcome != "success":
-            # Redact before anything is cut short, so no prefix of the token can survive.
-            text = body.decode(response.encoding or "utf-8", errors="replace") if body else ""
-            error = self._redact(_describe(response, self._redact(text)))
+            error = self._error_text(response, body)
         buckets = parse_buckets(response.headers)
         return CallResult(code, outcome, error, _elapsed_ms(started), buckets)
+
+    def _error_text(self, response: requests.Response, body: bytes) -> str:
+        """The ``error`` of a non-2xx answer; whatever its body holds, the status stands."""
+        code = response.status_code
+        try:
+            # Redact before anything is cut short, so no prefix of the token can survive.
+            text = body.decode(response.encoding or "utf-8", errors="replace") if body else ""
+            return self._redact(_describe(response, self._redact(text)))
+        except Exception:  # a body no reader copes with must not cost the status code
+            log.debug("Could not describe the HTTP %s answer's body", code, exc_info=True)
+            return _squash(f"HTTP {code} {response.reason or ''}")
 
     def _failure(self, outcome: str, exc: BaseException, started: float) -> CallResult:
         text = self._redact(f"{type(exc).__name__}: {_exception_reason(exc)}")
@@ -245,25 +265,30 @@ def parse_buckets(headers: Mapping[str, str]) -> tuple[RateLimitBucket, ...]:
         raw = [headers.get(f"{prefix}-{part}") for part in ("Limit", "Remaining", "Reset")]
         if all(value is None for value in raw):
             continue
-        reset = _parse_number(raw[2])
-        buckets.append(RateLimitBucket(name, _as_int(raw[0]), _as_int(raw[1]), reset))
+        limit, remaining = _as_count(raw[0]), _as_count(raw[1])
+        # A limit of 0 calls a window would stop every call: not a value to act on.
+        buckets.append(RateLimitBucket(name, limit or None, remaining, _parse_number(raw[2])))
     return tuple(buckets)
 
 
+# Plain ASCII digits only: float() and int() would also take "1_000", "1e9", "+5" or
+# non-ASCII digits, none of which a server means as a count or a time.
+_COUNT = re.compile(r"[0-9]{1,18}")
+_NUMBER = re.compile(r"[0-9]{1,18}(?:\.[0-9]{1,9})?")
+
+
 def _parse_number(value: str | None) -> float | None:
-    """A finite, non-negative number from a header value, else None."""
-    if value is None:
+    """A plain non-negative decimal (``1700000000``, ``1700000000.5``) from a header, or None."""
+    if value is None or not _NUMBER.fullmatch(value.strip()):
         return None
-    try:
-        number = float(value.strip())
-    except ValueError:
-        return None
-    return number if math.isfinite(number) and number >= 0 else None
+    return float(value.strip())
 
 
-def _as_int(value: str | None) -> int | None:
-    number = _parse_number(value)
-    return None if number is None else int(number)
+def _as_count(value: str | None) -> int | None:
+    """A plain non-negative integer from a header value, else None."""
+    if value is None or not _COUNT.fullmatch(value.strip()):
+        return None
+    return int(value.strip())
 
 
 def _outcome(code: int) -> str:
@@ -293,16 +318,16 @@ def _describe(response: requests.Response, text: str) -> str:
     if 300 <= code <= 399:
         location = response.headers.get("Location", "")
         message = f"HTTP {code} {response.reason}: redirect to {location} not followed"
-        return _truncate(message, ERROR_CAP)
+        return _truncate(_squash(message), ERROR_CAP)
     reason = _from_json(text) or _from_text(text)
-    return _truncate(reason or f"HTTP {code} {response.reason or ''}".strip(), ERROR_CAP)
+    return _truncate(reason or _squash(f"HTTP {code} {response.reason or ''}"), ERROR_CAP)
 
 
 def _from_json(text: str) -> str | None:
     """``error: error_description`` (401 shape) or ``title: detail`` (problem+json)."""
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested thousands deep
         return None
     if not isinstance(data, dict):
         return None
@@ -337,7 +362,8 @@ def _exception_reason(exc: BaseException) -> str:
 
 
 def _squash(text: str) -> str:
-    return " ".join(text.split())
+    """One line of printable text: whitespace runs become one space, the rest is escaped."""
+    return printable(" ".join(text.split()))
 
 
 def _truncate(text: str, limit: int) -> str:

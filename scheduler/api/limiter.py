@@ -12,7 +12,9 @@ bucket that refills continuously would draw 429s. The limiter instead mirrors th
 * while nothing is known about a server bucket, one call goes first as a probe, so a burst is
   never fired blind; a ``Reset`` more than a window ahead is not waited for past one window,
   after which one call probes it;
-* a 429 pauses every call on the token until the later ``Reset`` of the two header sets.
+* a 429 pauses every call on the token until the later ``Reset`` of the two header sets; a
+  ``Reset`` more than two windows ahead (years, ``1e308``) is not believed and pauses for one
+  window (the API's minute, or ``rate_limit``'s period when longer), with a warning.
 
 Waiters are served strictly in the order of their ``order`` key (the firing's scheduled
 time), so a burst queues in schedule order and nothing is dropped.
@@ -43,8 +45,6 @@ RESET_MARGIN = 0.25
 EARLY_MARGIN = 0.1
 # How long a 429 pauses the token when the answer carries no usable Reset header.
 FALLBACK_PAUSE = 60.0
-# Cap on any single wait after a 429, so a wild Reset (a year ahead) cannot freeze the daemon.
-MAX_PAUSE = 3600.0
 # The API's documented window for both buckets (one minute).
 API_WINDOW = 60.0
 
@@ -393,16 +393,29 @@ class Limiter:
             return
         for name, view in self._shared.read().items():
             if view.paused_until is not None and view.paused_until > now:
-                self._paused_until = max(
-                    self._paused_until, min(view.paused_until, now + MAX_PAUSE)
-                )
+                # Each instance caps its own pauses (see _pause); this caps an older one's.
+                longest = 2 * self._window() + RESET_MARGIN
+                self._paused_until = max(self._paused_until, min(view.paused_until, now + longest))
             if view.remaining is not None and view.reset is not None and name != "pause":
                 bucket = self._buckets.setdefault(name, _ServerBucket())
                 info = RateLimitBucket(name, None, view.remaining, view.reset)
                 bucket.on_answer(info, self._in_flight, now, None, self.budget.period)
 
+    def _window(self) -> float:
+        """The longest window a 429 may make us wait for: the API's, or the budget's period."""
+        return max(API_WINDOW, self.budget.period)
+
     def _pause(self, reported: Iterable[RateLimitBucket]) -> None:
         now = clock.epoch()
         resets = [b.reset for b in reported if b.reset is not None and b.reset > now]
-        until = max(resets) + RESET_MARGIN if resets else now + min(FALLBACK_PAUSE, MAX_PAUSE)
-        self._paused_until = max(self._paused_until, min(until, now + MAX_PAUSE))
+        until = max(resets) + RESET_MARGIN if resets else now + FALLBACK_PAUSE
+        window = self._window()
+        if until - now > 2 * window:
+            log.warning(
+                "A 429's Reset is %.3g s ahead, more than two rate-limit windows; "
+                "not believed: pausing the token for one window (%g s) instead",
+                until - now,
+                window,
+            )
+            until = now + window + RESET_MARGIN
+        self._paused_until = max(self._paused_until, until)

@@ -26,6 +26,7 @@ import logging
 import math
 import random
 import re
+import signal
 import socket
 import threading
 from collections import Counter
@@ -165,7 +166,14 @@ class Simulator:
         return self
 
     def serve_forever(self) -> None:
-        """Serve in this thread until :meth:`stop` or Ctrl-C; after :meth:`start`, just wait."""
+        """Serve in this thread until :meth:`stop` or Ctrl-C; after :meth:`start`, just wait.
+
+        On the main thread SIGINT is made to raise KeyboardInterrupt first: a process started
+        from a script (``cmd &`` in a non-interactive shell) inherits SIGINT ignored, and
+        Ctrl-C or ``kill -INT`` would then never stop it.
+        """
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         if self._thread is not None and self._thread.is_alive():
             try:
                 while not self._stopping.wait(0.5):

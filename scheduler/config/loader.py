@@ -12,6 +12,7 @@ import gc
 import logging
 import os
 import re
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -84,17 +85,50 @@ def load_token(api: ApiConfig) -> str:
 
 
 def _read_token_file(path: Path) -> str:
+    """The token file's text: a regular file only, opened so a FIFO or device cannot block."""
     try:
-        with path.open("rb") as handle:
-            data = handle.read(MAX_TOKEN_BYTES + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
     except OSError as exc:
         raise TokenError(
             f"cannot read the token file {path}: {exc.strerror or exc}; "
             "put the token there (or use api.token_env instead)"
         ) from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise TokenError(
+            f"the token file {path} is not a regular file ({_file_kind(mode)}); "
+            "point api.token_file at a file holding the token"
+        )
+    with os.fdopen(fd, "rb") as handle:
+        if mode & 0o044:
+            log.warning(
+                "The token file %s is readable by %s; chmod 600 it",
+                path,
+                "group and others" if mode & 0o044 == 0o044 else _reader(mode),
+            )
+        try:
+            data = handle.read(MAX_TOKEN_BYTES + 1)
+        except OSError as exc:
+            raise TokenError(f"cannot read the token file {path}: {exc.strerror or exc}") from None
     if len(data) > MAX_TOKEN_BYTES:
         raise TokenError(f"the token file {path} is larger than 64 KiB; is it the right file?")
     try:
         return data.decode("utf-8").strip()
     except UnicodeDecodeError:
         raise TokenError(f"the token file {path} is not UTF-8 text") from None
+
+
+def _reader(mode: int) -> str:
+    return "its group" if mode & 0o040 else "others"
+
+
+def _file_kind(mode: int) -> str:
+    kinds = (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    )
+    return next((name for test, name in kinds if test(mode)), "not a plain file")

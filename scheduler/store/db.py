@@ -163,9 +163,18 @@ def _sqlite_file(url: URL) -> Path | None:
 
 
 def _create_private_file(path: Path) -> None:
-    """Create the folder and an empty 0600 file before SQLite does (it would use the umask)."""
+    """Create an empty 0600 file before SQLite does (it would use the umask).
+
+    Only the file: a missing folder is far more often a typo in ``history.url`` than a wish,
+    and creating it would scatter directories (and a fresh, empty history) around the disk.
+    """
+    if not path.parent.is_dir():
+        why = "is not a directory" if path.parent.exists() else "does not exist"
+        raise DatabaseError(
+            f"cannot create the database file {path}: {path.parent} {why} "
+            "(create the directory, or fix history.url)"
+        )
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists():
             os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
     except OSError as exc:
