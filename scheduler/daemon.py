@@ -28,10 +28,12 @@ from apscheduler.triggers.base import BaseTrigger
 from sqlalchemy.engine import Engine
 
 from scheduler import __version__, clock
+from scheduler.api.results import ResultsReader
 from scheduler.config.loader import load, load_token
 from scheduler.config.model import ApiConfig, Config, Job, Schedule
 from scheduler.errors import ConfigError, ExitStatus, SchedulerError
 from scheduler.executor import DaemonThreadPool, build_scheduler
+from scheduler.followup import FollowupReader, ResultMetrics
 from scheduler.logs import add_secret
 from scheduler.metrics import Metrics, MetricsServer, build_health
 from scheduler.notify import Notifier, sd_notify, watchdog_seconds
@@ -130,6 +132,16 @@ class Daemon:
         # jobs back from downtime would need thousands of threads (systemd's TasksMax).
         self._catch_ups = DaemonThreadPool(max(1, config.api.concurrency), "catch-up")
         self._watchdog = watchdog_seconds()  # systemd's WatchdogSec=, halved; None when off
+        # results (SPEC 7): reads accepted runs' rounds back, from start() to shutdown().
+        self.results = FollowupReader(
+            engine,
+            ResultsReader(*self._connection),
+            self.limiter,
+            self.stop,
+            instance=self.instance,
+            jobs=lambda: {job.name: job for job in self.config.jobs},
+            metrics=ResultMetrics(self.metrics.registry),
+        )
         self._next_watchdog = clock.monotonic()
 
     # -- lifecycle --------------------------------------------------------------------
@@ -176,6 +188,7 @@ class Daemon:
         self._schedule_started = clock.now()
         self.scheduler.start()  # after the adds: each add to a running scheduler wakes it
         self._catch_up(cut, accounted)
+        self.results.start()  # results: after the scheduler, so run calls come first
         self.metrics.track_next_fires(self._next_fires)
         self._log_schedule()
         self._serve_metrics()
@@ -208,6 +221,7 @@ class Daemon:
             log.warning("Marked %d unfinished attempt(s) as interrupted", marked)
         if self._pruner is not None:
             self._pruner.join(5.0)  # it stops between batches once self.stop is set
+        self.results.join()  # results: ends between requests once self.stop is set
         self.heartbeat.stop()
         self._quietly(instances.mark_stopped, self.engine, self.instance, clock.now())
         self.observers.notifier.close(5.0)
@@ -262,6 +276,7 @@ class Daemon:
             # Calls in flight keep the old session; it is closed by the garbage collector.
             self._connection = connection
         self.runner.reconnect(*self._connection)
+        self.results.reconnect(ResultsReader(*self._connection))  # results: types reread
         for name in {e.job.name for e in self._entries.values()} - {j.name for j in config.jobs}:
             self.metrics.forget_job(name)  # a removed job keeps no gauge
         changed = self._apply(entries_of(config))

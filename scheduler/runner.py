@@ -239,7 +239,16 @@ class Runner:
             self.limiter.complete(permit, result)
         assert result is not None
         self._log_attempt(firing, run_id, attempt, result, lag)
-        self._finish(row_id, result.outcome, result.status_code, result.error, result.duration_ms)
+        # results: an accepted run is followed up (SPEC 7) in the same write that finishes it.
+        follow = result.outcome == Outcome.SUCCESS and firing.job.results.fetch
+        self._finish(
+            row_id,
+            result.outcome,
+            result.status_code,
+            result.error,
+            result.duration_ms,
+            results="waiting" if follow else None,
+        )
         self.hooks.attempted(firing, attempt, result, lag)
         return result
 
@@ -317,6 +326,7 @@ class Runner:
         status: int | None,
         error: str | None,
         duration_ms: int | None = None,
+        results: str | None = None,
     ) -> None:
         self._write(
             history.finish_attempt,
@@ -327,6 +337,7 @@ class Runner:
             status_code=status,
             error=error,
             duration_ms=duration_ms,
+            results=results,
         )
 
     def _write(

@@ -70,6 +70,8 @@ attempts = sa.Table(
     sa.Column("error", sa.Text, nullable=True),
     sa.Column("duration_ms", sa.Integer, nullable=True),
     sa.Column("instance", sa.String(200), nullable=False),
+    # results: SPEC section 7 (null: not fetched; waiting, complete, partial, none, ...)
+    sa.Column("results", sa.String(16), nullable=True),
     # Claiming a firing = inserting its first row; this key makes that happen once.
     sa.UniqueConstraint(*_FIRING_KEY, name="uq_attempts_firing"),
     sa.Index("ix_attempts_job_started_at", "job", "started_at"),
@@ -138,8 +140,9 @@ def finish_attempt(
     status_code: int | None,
     error: str | None,
     duration_ms: int | None,
+    results: str | None = None,
 ) -> None:
-    """Complete a row that start_attempt inserted."""
+    """Complete a row that start_attempt inserted (``results='waiting'``: read its round)."""
     _check_finished(outcome)
     values = {
         "finished_at": finished_at,
@@ -147,6 +150,7 @@ def finish_attempt(
         "status_code": status_code,
         "error": error,
         "duration_ms": duration_ms,
+        "results": results,
     }
     statements = _prepared(engine)
     with translate_errors(engine, "finishing an attempt"):

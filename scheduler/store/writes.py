@@ -29,7 +29,7 @@ from sqlalchemy import exc as sa_exc
 
 # Dialects whose INSERT ... ON CONFLICT DO NOTHING RETURNING and paramstyle we write by hand.
 _SUPPORTED = {"sqlite": "named", "postgresql": "pyformat"}
-_FINISH_COLUMNS = ("finished_at", "outcome", "status_code", "error", "duration_ms")
+_FINISH_COLUMNS = ("finished_at", "outcome", "status_code", "error", "duration_ms", "results")
 
 _cache: weakref.WeakKeyDictionary[Engine, PreparedWrites | None] = weakref.WeakKeyDictionary()
 _cache_lock = threading.Lock()
