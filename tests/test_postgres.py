@@ -24,7 +24,7 @@ from scheduler.store.history import AttemptKey
 from tests.postgres import PASSWORD_ROLE, PostgresServer, postgres_server, postgres_url  # noqa: F401
 
 T0 = datetime(2026, 11, 27, 6, 0, tzinfo=timezone.utc)
-NEW_TABLES = {"instances", "rate_limits"}
+NEW_TABLES = {"instances", "rate_limits", "results", "followups"}
 
 
 @pytest.fixture
@@ -103,7 +103,7 @@ def test_upgrade_check_downgrade_round_trip_on_both_databases(empty: sa.Engine) 
     db.upgrade(empty, "0001")
     assert db.current(empty) == "0001" and tables(empty) == {"attempts"}
     db.upgrade(empty)
-    assert db.current(empty) == db.head() == "0002"
+    assert db.current(empty) == db.head() == "0003"
     assert tables(empty) == {"attempts"} | NEW_TABLES
     check(empty)  # no drift between the migrations and history.metadata
     db.ensure_ready(empty)
@@ -223,7 +223,7 @@ def test_connection_problems_are_one_line_database_errors(
         postgres_server.url(database).replace(str(postgres_server.port), "1"): (
             "Connection refused"
         ),
-        postgres_url: "not migrated (at base, head is 0002); run `te-scheduler db upgrade`",
+        postgres_url: "not migrated (at base, head is 0003); run `te-scheduler db upgrade`",
     }
     for url, expected in cases.items():
         engine = db.make_engine(url)
