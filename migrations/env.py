@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
+import scheduler.store.results  # noqa: F401  (its tables join the metadata below)
 from scheduler.store.tables import metadata
 
 # No fileConfig here on purpose: te-scheduler configures logging itself.

@@ -28,12 +28,14 @@ from apscheduler.triggers.base import BaseTrigger
 from sqlalchemy.engine import Engine
 
 from scheduler import __version__, clock
+from scheduler.api.results import ResultsReader
 from scheduler.backlog import Backlog
 from scheduler.clock import ONE_US
 from scheduler.config.loader import load, load_token
 from scheduler.config.model import ApiConfig, Config, Job, Schedule
 from scheduler.errors import ConfigError, ExitStatus, SchedulerError
 from scheduler.executor import DaemonThreadPool, build_scheduler
+from scheduler.followup import FollowupReader, ResultMetrics
 from scheduler.logs import add_secret
 from scheduler.metrics import Metrics
 from scheduler.notify import Notifier, sd_notify, watchdog_seconds
@@ -145,6 +147,16 @@ class Daemon:
         self._db_file = _sqlite_identity(engine)  # (device, inode) of a SQLite history file
         self._store_lost: str | None = None  # why history cannot be kept: nothing is sent
         self._flusher: threading.Thread | None = None
+        # results (SPEC 7): reads accepted runs' rounds back, from start() to shutdown().
+        self.results = FollowupReader(
+            engine,
+            ResultsReader(*self._connection),
+            self.limiter,
+            self.stop,
+            instance=self.instance,
+            jobs=lambda: {job.name: job for job in self.config.jobs},
+            metrics=ResultMetrics(self.metrics.registry),
+        )
         self._next_watchdog = clock.monotonic()
 
     # -- lifecycle --------------------------------------------------------------------
@@ -193,6 +205,7 @@ class Daemon:
         self._catch_up(cut, accounted)
         self._flusher = threading.Thread(target=self._flush_loop, name="backlog", daemon=True)
         self._flusher.start()
+        self.results.start()  # results: after the scheduler, so run calls come first
         self.metrics.track_next_fires(self._next_fires)
         self._log_schedule()
         self._serve_metrics()
@@ -218,6 +231,7 @@ class Daemon:
         self._close_history()
         if self._pruner is not None:
             self._pruner.join(5.0)  # it stops between batches once self.stop is set
+        self.results.join()  # results: ends between requests once self.stop is set
         self.heartbeat.stop()
         self._quietly(instances.mark_stopped, self.engine, self.instance, clock.now())
         self.observers.notifier.close(5.0)
@@ -326,6 +340,7 @@ class Daemon:
             # Calls in flight keep the old session; it is closed by the garbage collector.
             self._connection = connection
         self.runner.reconnect(*self._connection)
+        self.results.reconnect(ResultsReader(*self._connection))  # results: types reread
         for name in {e.job.name for e in self._entries.values()} - {j.name for j in config.jobs}:
             self.metrics.forget_job(name)  # a removed job keeps no gauge
         changed = self._apply(entries_of(config))

@@ -284,7 +284,16 @@ class Runner:
         assert result is not None
         self._log_attempt(firing, run_id, attempt, result, lag)
         outcome = Outcome(result.outcome)
-        self._finish(row_id, outcome, result.status_code, result.error, result.duration_ms)
+        # An accepted run is followed up (SPEC 7) in the same write that finishes it.
+        follow = outcome is Outcome.SUCCESS and firing.job.results.fetch
+        self._finish(
+            row_id,
+            outcome,
+            result.status_code,
+            result.error,
+            result.duration_ms,
+            results="waiting" if follow else None,
+        )
         self.hooks.attempted(firing, attempt, result, lag)
         return result
 
@@ -368,6 +377,7 @@ class Runner:
         status: int | None,
         error: str | None,
         duration_ms: int | None = None,
+        results: str | None = None,
     ) -> None:
         def finish_attempt() -> None:
             history.finish_attempt(
@@ -378,6 +388,7 @@ class Runner:
                 status_code=status,
                 error=error,
                 duration_ms=duration_ms,
+                results=results,
             )
 
         finished_at = clock.now()

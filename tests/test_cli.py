@@ -41,6 +41,7 @@ COLUMNS = [
     "error",
     "duration_ms",
     "instance",
+    "results",
 ]
 
 

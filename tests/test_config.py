@@ -220,7 +220,7 @@ EXACT = [
         [
             "2:5: jobs[0]: must be a mapping with keys name, tests, "
             "schedule, enabled, aid, timezone, retry, catch_up, "
-            "spread, notify, got 'x'"
+            "spread, notify, results, got 'x'"
         ],
     ),
     # -- api
@@ -486,7 +486,7 @@ EXACT = [
         "defaults:\n  enabled: false\n" + JOB,
         [
             "2:3: defaults.enabled: unknown key; allowed keys are aid, timezone, retry, catch_up, "
-            "spread, notify"
+            "spread, notify, results"
         ],
     ),
     # -- jobs

@@ -22,6 +22,7 @@ from tests.conftest import T0, key
 COLUMNS = [
     "id", "run_id", "job", "test_id", "aid", "trigger", "scheduled_for", "attempt",
     "started_at", "finished_at", "status_code", "outcome", "error", "duration_ms", "instance",
+    "results",
 ]  # fmt: skip
 
 
@@ -107,6 +108,7 @@ def test_finish_attempt_completes_the_row(engine: sa.Engine) -> None:
         "error": "Not Found: test 105 does not exist",
         "duration_ms": 812,
         "instance": "host-a:100",
+        "results": None,
     }
     assert list(row) == COLUMNS
 

@@ -24,8 +24,9 @@ REPO = Path(__file__).resolve().parent.parent
 SPEC_COLUMNS = [
     "id", "run_id", "job", "test_id", "aid", "trigger", "scheduled_for", "attempt",
     "started_at", "finished_at", "status_code", "outcome", "error", "duration_ms", "instance",
+    "results",
 ]  # fmt: skip
-NULLABLE = {"aid", "finished_at", "status_code", "error", "duration_ms"}
+NULLABLE = {"aid", "finished_at", "status_code", "error", "duration_ms", "results"}
 
 
 @pytest.fixture
@@ -51,7 +52,7 @@ def test_upgrade_empty_database_to_head_without_drift(empty: sa.Engine) -> None:
     assert db.current(empty) is None
     assert not db.is_at_head(empty)
     db.upgrade(empty)
-    assert db.current(empty) == db.head() == "0002"
+    assert db.current(empty) == db.head() == "0003"
     assert db.is_at_head(empty)
     check(empty)  # raises on any difference between the migration and tables.metadata
     db.ensure_ready(empty)
@@ -79,6 +80,7 @@ def test_table_has_exactly_the_spec_columns(engine: sa.Engine) -> None:
         "ix_attempts_test_id_started_at": ["test_id", "started_at"],
         "ix_attempts_started_at": ["started_at"],
         "ix_attempts_outcome": ["outcome"],
+        "ix_attempts_results": ["results"],
     }
 
 
@@ -95,7 +97,7 @@ def test_downgrade_to_base_removes_the_table_and_upgrade_restores_it(engine: sa.
 def test_ensure_ready_on_an_empty_database_says_how_to_fix_it(empty: sa.Engine) -> None:
     with pytest.raises(
         DatabaseError,
-        match=r"not migrated \(at base, head is 0002\); run "
+        match=r"not migrated \(at base, head is 0003\); run "
         r"`te-scheduler db upgrade`",
     ):
         db.ensure_ready(empty)
@@ -253,4 +255,4 @@ def test_wheel_carries_the_migrations_and_can_upgrade(tmp_path: Path) -> None:
         env={**os.environ, "PYTHONPATH": str(site)},
     )
     assert ran.returncode == 0, ran.stderr
-    assert ran.stdout.split() == [str(site / "scheduler" / "migrations"), "0002"]
+    assert ran.stdout.split() == [str(site / "scheduler" / "migrations"), "0003"]

@@ -23,7 +23,7 @@ from scheduler.store.tables import attempts
 from tests.conftest import T0, key
 from tests.postgres import PASSWORD_ROLE, PostgresServer
 
-NEW_TABLES = {"instances", "rate_limits"}
+NEW_TABLES = {"instances", "rate_limits", "results", "followups"}
 
 
 @pytest.fixture
@@ -88,7 +88,7 @@ def test_upgrade_check_downgrade_round_trip_on_both_databases(empty: sa.Engine) 
     db.upgrade(empty, "0001")
     assert db.current(empty) == "0001" and tables(empty) == {"attempts"}
     db.upgrade(empty)
-    assert db.current(empty) == db.head() == "0002"
+    assert db.current(empty) == db.head() == "0003"
     assert tables(empty) == {"attempts"} | NEW_TABLES
     check(empty)  # no drift between the migrations and tables.metadata
     db.ensure_ready(empty)
@@ -208,7 +208,7 @@ def test_connection_problems_are_one_line_database_errors(
         postgres_server.url(database).replace(str(postgres_server.port), "1"): (
             "Connection refused"
         ),
-        postgres_url: "not migrated (at base, head is 0002); run `te-scheduler db upgrade`",
+        postgres_url: "not migrated (at base, head is 0003); run `te-scheduler db upgrade`",
     }
     for url, expected in cases.items():
         engine = db.make_engine(url)

@@ -219,7 +219,7 @@ def test_latency_delays_answers(make_sim: Any) -> None:
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("GET", "/tests"), ("POST", "/tests/105"), ("POST", "/tests/105/run/x"), ("POST", "")],
+    [("GET", "/tests/105"), ("POST", "/tests/105"), ("POST", "/tests/105/run/x"), ("POST", "")],
 )
 def test_unknown_path_is_404(make_sim: Any, method: str, path: str) -> None:
     response = call(make_sim(), method=method, path=path)

@@ -45,6 +45,8 @@ RESET_MARGIN = 0.25
 EARLY_MARGIN = 0.1
 # How long a 429 pauses the token when the answer carries no usable Reset header.
 FALLBACK_PAUSE = 60.0
+# Organization-bucket slots a results read leaves to run calls (SPEC 7: reads never delay one).
+READ_RESERVE = 2
 # The API's documented window for both buckets (one minute).
 API_WINDOW = 60.0
 
@@ -337,6 +339,44 @@ class Limiter:
             view: dict[str, int | None] = {name: b.remaining for name, b in self._buckets.items()}
             view["budget"] = self.budget.count - self._window_used
             return view
+
+    # -- results reads (SPEC 7): the organization bucket only, below every run call -------
+    def try_read(self) -> bool:
+        """Take an organization-bucket slot for a results read, now or never; never blocks.
+
+        A read goes only when no run call waits, the token is not paused and the bucket
+        keeps READ_RESERVE slots for run calls, so a read never delays one.
+        """
+        with self._lock:
+            now = clock.epoch()
+            if self._queue or self._paused_until > now:
+                return False
+            self._merge_shared(now)
+            org = self._buckets.get("organization")
+            if org is None:
+                return True
+            closes = org.closes_at(self.budget.period, self._in_flight)
+            is_open = closes is not None and now < closes
+            if is_open and org.remaining is not None and org.remaining <= READ_RESERVE:
+                return False
+            org.on_send(now, self.budget.period, self._in_flight)
+            return True
+
+    def complete_read(self, status: int | None, buckets: Iterable[RateLimitBucket]) -> None:
+        """Learn the organization bucket from a read's answer; a 429 pauses the token."""
+        org = tuple(b for b in buckets if b.name == "organization")
+        limited = status == 429
+        with self._lock:
+            now = clock.epoch()
+            for info in org:
+                self._buckets.setdefault(info.name, _ServerBucket()).on_answer(
+                    info, self._in_flight, now, None, self.budget.period
+                )
+            if limited:
+                self._pause(org)
+            paused_until = self._paused_until if limited else None
+        if self._shared and (org or limited):
+            self._shared.publish(org, paused_until)  # outside the lock: a DB write
 
     # -- internals (caller holds the lock) ---------------------------------------------
     def _delay(self, now: float) -> float:

@@ -1,6 +1,9 @@
 """A simulated ThousandEyes API v7 (SPEC section 1) on loopback, for trying things out and tests.
 
-Only ``POST /v7/tests/{id}/run`` exists. Each request is handled in this order:
+``POST /v7/tests/{id}/run`` runs a test; ``GET /v7/tests`` and
+``GET /v7/test-results/{id}/{endpoint}`` read types and rounds back (SPEC 7; what they answer
+is :mod:`scheduler.api.simulated_results`: authenticated like a run call, counted against
+the organization bucket only, 429 when it is exhausted). A run call is handled in this order:
 
 1. routing: another path is 404 ``URI Resource Not Found``, another method on the run path 405;
 2. a programmed rule for the test id (:meth:`Simulator.add_rule`) answers exactly as programmed:
@@ -36,11 +39,14 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from scheduler import clock
+from scheduler.api.simulated_results import Rounds
 from scheduler.errors import UsageError
 
 log = logging.getLogger(__name__)
 
 RUN_PATH = re.compile(r"^/v7/tests/(?P<id>[^/]+)/run/?$")
+TESTS_PATH = re.compile(r"^/v7/tests/?$")
+RESULTS_PATH = re.compile(r"^/v7/test-results/(?P<id>[0-9]+)/(?P<endpoint>[a-z-]+)/?$")
 BODY_CAP = 1024 * 1024  # request bytes read; the real API takes no body at all
 HEADER_PREFIXES = {
     "organization": "X-Organization-Rate-Limit",
@@ -134,8 +140,13 @@ class Simulator:
         fail_rate: float = 0.0,
         latency: float = 0.0,
         seed: int | None = None,
+        agents: int = 3,
+        results_delay: float = 5.0,
     ) -> None:
         _check_settings(org_limit, instant_limit, window, fail_rate, latency)
+        if agents < 0 or not results_delay >= 0:
+            raise UsageError("simulator agents and results delay must be 0 or more")
+        self.rounds = Rounds(agents, results_delay, fail_rate)
         self.host, self.port, self.token = host, port, token
         self.fail_rate, self.latency = fail_rate, latency
         self.requests: list[ReceivedRequest] = []
@@ -260,9 +271,14 @@ class Simulator:
         """Record ``request`` and decide its answer (steps 1-5 of the module docstring)."""
         with self._lock:
             self.requests.append(request)
+        read = self._read_answer(request)
+        if read is not None:
+            read.delay = self.latency
+            return read
         match = RUN_PATH.match(request.path)
         test_id = unquote(match["id"]) if match else None
         if test_id is not None and request.method == "POST":
+            self.rounds.seen(test_id)
             with self._lock:
                 self._counts[test_id] += 1
                 rule = self._next_rule(test_id)
@@ -286,7 +302,41 @@ class Simulator:
             answer = _json_answer(401, {"error": "invalid_token", "error_description": description})
             answer.headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
             return answer
-        return self._counted_answer(request.received_at)
+        answer = self._counted_answer(request.received_at)
+        if answer.status == 200:
+            self.rounds.accepted(test_id, request.received_at)
+        return answer
+
+    def _read_answer(self, request: ReceivedRequest) -> _Answer | None:
+        """The answer to a results read (SPEC 7), or None when the path is not one."""
+        results = RESULTS_PATH.match(request.path)
+        if results is None and not TESTS_PATH.match(request.path):
+            return None
+        if request.method not in ("GET", "HEAD"):
+            answer = _problem(405, "Method Not Allowed", f"{request.method} is not supported")
+            answer.headers["Allow"] = "GET"
+            return answer
+        if not self._is_authorized(request.header("Authorization")):
+            answer = _json_answer(401, {"error": "invalid_token", "error_description": "Invalid"})
+            answer.headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
+            return answer
+        org = self._buckets["organization"]
+        with self._lock:
+            allowed = org.take(request.received_at)
+            headers = org.headers(HEADER_PREFIXES["organization"])
+        if not allowed:
+            answer = _problem(429, "Too Many Requests", "Exhausted rate limit for the organization")
+        elif results is None:
+            answer = _json_answer(200, self.rounds.tests(self.url))
+        else:
+            status, doc = self.rounds.page(
+                self.url, results["id"], results["endpoint"], request.query, request.received_at
+            )
+            answer = _json_answer(status, doc if status == 200 else {"status": status, **doc})
+        if answer.status == 200:
+            answer.headers["Content-Type"] = "application/hal+json"
+        answer.headers.update(headers)
+        return answer
 
     def _next_rule(self, test_id: str) -> _Rule | None:
         rules = self._rules.get(test_id)

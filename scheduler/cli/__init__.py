@@ -11,7 +11,11 @@ import sys
 
 import click
 
-from scheduler.cli import commands, db  # noqa: F401  (importing them registers the commands)
+from scheduler.cli import (  # noqa: F401  (importing them registers the commands)
+    commands,
+    db,
+    results,
+)
 from scheduler.cli.base import cli, fail
 from scheduler.errors import ExitStatus, SchedulerError
 

@@ -35,6 +35,7 @@ HISTORY_COLUMNS = (
     "error",
     "duration_ms",
     "instance",
+    "results",
 )
 HISTORY_TABLE = (
     "started_at",
@@ -45,6 +46,7 @@ HISTORY_TABLE = (
     "status_code",
     "outcome",
     "duration_ms",
+    "results",
     "error",
 )
 STATS_COLUMNS = (

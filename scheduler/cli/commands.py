@@ -249,6 +249,10 @@ def history_cmd(
         outcome=outcome,
         limit=limit or None,
     )
+    if fmt == "table":  # results: the follow-up's summary instead of its bare state
+        from scheduler.cli.results import summarized
+
+        rows = summarized(engine, rows)
     emit(rows, fmt, HISTORY_TABLE, HISTORY_COLUMNS)
 
 
@@ -352,6 +356,20 @@ def prune(state: State, older_than: str, dry_run: bool) -> None:
     show_default=True,
     help="Seconds before each answer.",
 )
+@click.option(
+    "--agents",
+    type=click.IntRange(min=0),
+    default=3,
+    show_default=True,
+    help="Agents in each accepted run's round.",
+)
+@click.option(
+    "--results-delay",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    show_default=True,
+    help="Seconds before a round's results can be read.",
+)
 def simulate(
     host: str,
     port: int,
@@ -361,8 +379,13 @@ def simulate(
     window: float,
     fail_rate: float,
     latency: float,
+    agents: int,
+    results_delay: float,
 ) -> None:
     """Serve the simulated ThousandEyes API (POST /v7/tests/{id}/run) until Ctrl-C.
+
+    Also GET /v7/tests and GET /v7/test-results/{id}/{endpoint}: each accepted run makes a
+    round of --agents results, readable after --results-delay seconds.
 
     \b
     Example:
@@ -380,6 +403,8 @@ def simulate(
         window=window,
         fail_rate=fail_rate,
         latency=latency,
+        agents=agents,
+        results_delay=results_delay,
     ).start()  # UsageError when the port is taken
     click.echo(f"Simulated ThousandEyes API at {sim.url} (Ctrl-C stops)", err=True)
     try:

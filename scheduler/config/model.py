@@ -53,6 +53,31 @@ def _is_http_url(url: str) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
+RESULT_TYPES = (
+    "agent-to-server",
+    "agent-to-agent",
+    "http-server",
+    "page-load",
+    "web-transactions",
+    "api",
+    "ftp-server",
+    "dns-server",
+    "dns-trace",
+    "dnssec",
+    "sip-server",
+    "voice",
+)
+
+
+@dataclass(frozen=True)
+class ResultsConfig:
+    """``results:`` of a job (or of ``defaults``): read each accepted run's round back."""
+
+    fetch: bool = True  # false: only the run call is made
+    type: str = "auto"  # "auto" (read GET /tests) or one of RESULT_TYPES
+    wait: timedelta = timedelta(minutes=5)  # give up waiting for agents' rows after this
+
+
 DEFAULT_TOKEN_ENV = "THOUSANDEYES_TOKEN"
 _DEFAULT_RATE = Rate(24, 60.0)  # 24/min, the default of SPEC section 3
 
@@ -93,6 +118,7 @@ class Job:
     catch_up: timedelta = timedelta(hours=1)
     spread: timedelta = timedelta(0)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
+    results: ResultsConfig = field(default_factory=ResultsConfig)
     line: int = 0  # where the job starts in the file, for log messages
 
 

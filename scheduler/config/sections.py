@@ -7,6 +7,7 @@ on: the user sees every problem at once. ``build_config`` is the entry point.
 
 from __future__ import annotations
 
+import difflib
 import functools
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -28,17 +29,20 @@ from scheduler.config.addresses import (
 from scheduler.config.checker import Checker
 from scheduler.config.model import (
     DEFAULT_TOKEN_ENV,
+    RESULT_TYPES,
     ApiConfig,
     Config,
     HistoryConfig,
     Job,
     MetricsConfig,
     NotifyConfig,
+    ResultsConfig,
     RetryPolicy,
     Schedule,
 )
 from scheduler.config.scalars import (
     ZERO,
+    Invalid,
     as_bool,
     as_cron,
     as_duration,
@@ -67,9 +71,10 @@ _API_KEYS = (
     "verify_tls",
     "proxy",
 )
-_DEFAULT_KEYS = ("aid", "timezone", "retry", "catch_up", "spread", "notify")
+_DEFAULT_KEYS = ("aid", "timezone", "retry", "catch_up", "spread", "notify", "results")
 _RETRY_KEYS = ("attempts", "backoff", "max_backoff")
 _NOTIFY_KEYS = ("webhook", "after", "ping_url", "timeout")
+_RESULTS_KEYS = ("fetch", "type", "wait")
 _JOB_KEYS = ("name", "tests", "schedule", "enabled", *_DEFAULT_KEYS)
 _KINDS = ("cron", "every", "at")
 _SCHEDULE_KEYS = (*_KINDS, "timezone", "start")
@@ -88,6 +93,7 @@ class _Defaults:
     catch_up: timedelta = timedelta(hours=1)
     spread: timedelta = ZERO
     notify: NotifyConfig = field(default_factory=NotifyConfig)
+    results: ResultsConfig = field(default_factory=ResultsConfig)
 
 
 def build_config(ck: Checker, path: Path, root: Any) -> Config | None:
@@ -151,6 +157,7 @@ def _defaults(ck: Checker, data: dict[str, Any]) -> _Defaults:
         catch_up=ck.get(p, data, "catch_up", as_duration(), d.catch_up),
         spread=ck.get(p, data, "spread", as_duration(), d.spread),
         notify=_notify(ck, p, data, d.notify),
+        results=_results(ck, p, data, d.results),
     )
 
 
@@ -194,6 +201,32 @@ def _notify(ck: Checker, path: Key, data: dict[str, Any], base: NotifyConfig) ->
             ck.error((*path, key), message)
             fields[key] = getattr(base, key)
     return replace(base, **fields)
+
+
+def _results(ck: Checker, path: Key, data: dict[str, Any], base: ResultsConfig) -> ResultsConfig:
+    """``results:`` of ``data`` over ``base``, key by key (SPEC section 7)."""
+    if "results" not in data:
+        return base
+    path = (*path, "results")
+    section = ck.mapping(path, data["results"], _RESULTS_KEYS)
+    if section is None:
+        return base
+    wait = as_duration(_SECOND, "must be at least 1s, like 5m")
+    return ResultsConfig(
+        fetch=ck.get(path, section, "fetch", as_bool, base.fetch),
+        type=ck.get(path, section, "type", _as_result_type, base.type),
+        wait=ck.get(path, section, "wait", wait, base.wait),
+    )
+
+
+def _as_result_type(value: Any) -> str:
+    """``auto`` or a ThousandEyes test type (the results endpoint follows from it)."""
+    allowed = ("auto", *RESULT_TYPES)
+    if isinstance(value, str) and value in allowed:
+        return value
+    close = difflib.get_close_matches(value, allowed, n=1) if isinstance(value, str) else []
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise Invalid(f"{hint}must be one of {', '.join(allowed)}")
 
 
 def _as_is(value: Any) -> Any:
@@ -241,6 +274,7 @@ def _job(
         catch_up=ck.get(path, data, "catch_up", as_duration(), dflt.catch_up),
         spread=spread,
         notify=_notify(ck, path, data, dflt.notify),
+        results=_results(ck, path, data, dflt.results),
         line=ck.where(path)[0],
     )
     return job if ck.count == before else None

@@ -81,8 +81,9 @@ def finish_attempt(
     status_code: int | None,
     error: str | None,
     duration_ms: int | None,
+    results: str | None = None,
 ) -> None:
-    """Complete a row that start_attempt inserted."""
+    """Complete a row that start_attempt inserted (``results='waiting'``: read its round)."""
     _check_finished(outcome)
     values = {
         "finished_at": finished_at,
@@ -90,6 +91,7 @@ def finish_attempt(
         "status_code": status_code,
         "error": error,
         "duration_ms": duration_ms,
+        "results": results,
     }
     with translate_errors(engine, "finishing an attempt"):
         changed = _prepared(engine).finish(values, attempt_id)

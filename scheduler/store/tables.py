@@ -57,6 +57,8 @@ attempts = sa.Table(
     sa.Column("error", sa.Text, nullable=True),
     sa.Column("duration_ms", sa.Integer, nullable=True),
     sa.Column("instance", sa.String(200), nullable=False),
+    # results: SPEC section 7 (null: not fetched; waiting, complete, partial, none, ...)
+    sa.Column("results", sa.String(16), nullable=True),
     # Claiming a firing = inserting its first row; this key makes that happen once.
     sa.UniqueConstraint(*FIRING_KEY, name="uq_attempts_firing"),
     sa.Index("ix_attempts_job_started_at", "job", "started_at"),

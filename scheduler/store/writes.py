@@ -32,7 +32,7 @@ from sqlalchemy import exc as sa_exc
 # The databases db.make_engine makes, whose INSERT ... ON CONFLICT DO NOTHING RETURNING and
 # paramstyle are written by hand here.
 _SUPPORTED = {"sqlite": "named", "postgresql": "pyformat"}
-_FINISH_COLUMNS = ("finished_at", "outcome", "status_code", "error", "duration_ms")
+_FINISH_COLUMNS = ("finished_at", "outcome", "status_code", "error", "duration_ms", "results")
 
 _cache: weakref.WeakKeyDictionary[Engine, PreparedWrites] = weakref.WeakKeyDictionary()
 _cache_lock = threading.Lock()
