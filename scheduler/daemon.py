@@ -41,6 +41,7 @@ from scheduler.runner import Firing, build_runner, instance_name
 from scheduler.store import db, history, instances, recovery
 from scheduler.timing.catchup import plan_catch_up
 from scheduler.timing.triggers import SpreadTrigger, build_trigger, spread_offsets
+from scheduler.web.api import status_routes
 from scheduler.web.health import build_health
 from scheduler.web.server import MetricsServer
 
@@ -536,8 +537,10 @@ class Daemon:
         health = build_health(
             lambda: self.scheduler.running and not self.stop.is_set(), self.engine
         )
+        # The status page reads the live config (reloads show) and the limiter's own view.
+        pages = status_routes(self.engine, lambda: self.config, self.limiter.snapshot)
         self._metrics_server = MetricsServer(
-            self.metrics, self.config.metrics.listen, health
+            self.metrics, self.config.metrics.listen, health, routes=pages
         ).start()
 
     def _shared_limits(self) -> instances.SharedLimits | None:

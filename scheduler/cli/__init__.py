@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from scheduler.cli import commands, db  # noqa: F401  (importing them registers the commands)
+from scheduler.cli import commands, db, web  # noqa: F401  (importing them registers the commands)
 from scheduler.cli.base import cli, fail
 from scheduler.errors import ExitStatus, SchedulerError
 
