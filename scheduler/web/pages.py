@@ -358,6 +358,16 @@ def _local_text(moment: datetime | None) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S ") + (moment.tzname() or "")
 
 
+def _short(moment: datetime | None, now: datetime) -> str:
+    """``23:41:24 UTC`` today (in the moment's own zone), ``2026-12-05 00:42 CET`` otherwise."""
+    if moment is None:
+        return "—"
+    zone = moment.tzinfo
+    same_day = moment.date() == now.astimezone(zone).date()
+    shown = moment.strftime("%H:%M:%S" if same_day else "%Y-%m-%d %H:%M")
+    return f"{shown} {moment.tzname() or ''}".strip()
+
+
 def _iso(moment: datetime | None) -> str:
     return "" if moment is None else moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
@@ -410,6 +420,7 @@ _env.filters.update(
     utc=_utc_text,
     local=_local_text,
     iso=_iso,
+    short=_short,
     percent=_percent,
     safe_link=_safe_link,
     urlpart=lambda text: quote(str(text), safe=""),

@@ -33,7 +33,10 @@
     var times = document.querySelectorAll("time[data-relative]");
     for (var i = 0; i < times.length; i++) {
       var at = Date.parse(times[i].getAttribute("datetime"));
-      if (!isNaN(at)) times[i].textContent = relative(at, now);
+      if (isNaN(at)) continue;
+      // A countdown that has run out says "now" until the reload brings the next one.
+      var countdown = times[i].hasAttribute("data-countdown");
+      times[i].textContent = countdown && at <= now ? "now" : relative(at, now);
     }
   }
 
