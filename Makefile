@@ -28,8 +28,10 @@ run: demo
 
 # PostgreSQL's server programs are installed (as root, from Debian) when missing; the tests
 # start a throwaway cluster of their own and skip those tests only when none can be had.
+# Chromium and its driver likewise, for the status page's browser test.
 test: $(STAMP)
 	@bash .ci/ensure-postgres
+	@bash .ci/ensure-browser
 	$(BIN)/python -m pytest -q
 
 # The strictness lives in pyproject.toml ([tool.ruff], [tool.mypy] strict = true).

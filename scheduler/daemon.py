@@ -45,6 +45,7 @@ from scheduler.runner import Firing, build_runner, instance_name
 from scheduler.store import db, history, instances, recovery
 from scheduler.timing.catchup import CatchUp, plan_catch_up
 from scheduler.timing.triggers import SpreadTrigger, build_trigger, spread_offsets
+from scheduler.web.api import status_routes
 from scheduler.web.health import build_health
 from scheduler.web.server import MetricsServer
 
@@ -661,8 +662,10 @@ class Daemon:
             self.engine,
             history=lambda: self._store_lost or self.backlog.problem(),
         )
+        # The status page reads the live config (reloads show) and the limiter's own view.
+        pages = status_routes(self.engine, lambda: self.config, self.limiter.snapshot)
         self._metrics_server = MetricsServer(
-            self.metrics, self.config.metrics.listen, health
+            self.metrics, self.config.metrics.listen, health, routes=pages
         ).start()
 
     def _shared_limits(self) -> instances.SharedLimits | None:

@@ -15,6 +15,7 @@ from scheduler.cli import (  # noqa: F401  (importing them registers the command
     commands,
     db,
     results,
+    web,
 )
 from scheduler.cli.base import cli, fail
 from scheduler.errors import ExitStatus, SchedulerError

@@ -10,14 +10,16 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+from collections.abc import Sequence
 from typing import Any
 
+from prometheus_client import CollectorRegistry
 from waitress import wasyncore
 from waitress.server import BaseWSGIServer, create_server
 
 from scheduler.errors import SchedulerError
 from scheduler.metrics import Metrics
-from scheduler.web.app import build_app
+from scheduler.web.app import Route, build_app
 from scheduler.web.health import HEALTH_TIMEOUT, Health, HealthCheck
 
 log = logging.getLogger(__name__)
@@ -32,14 +34,16 @@ STOP_TIMEOUT = 5.0  # seconds stop() waits for the loop and for a request in pro
 
 
 class MetricsServer:
-    """Serves ``/metrics`` and ``/healthz`` (the app of ``scheduler.web.app``) on a thread."""
+    """Serves ``/metrics``, ``/healthz`` and ``routes`` (the app of ``scheduler.web.app``)
+    on a thread; ``metrics`` None serves an empty ``/metrics`` (``te-scheduler web``)."""
 
     def __init__(
         self,
-        metrics: Metrics,
+        metrics: Metrics | None,
         listen: tuple[str, int],
         health: Health,
         *,
+        routes: Sequence[Route] = (),
         health_timeout: float = HEALTH_TIMEOUT,
         threads: int = THREADS,
         connection_limit: int = CONNECTION_LIMIT,
@@ -48,6 +52,7 @@ class MetricsServer:
     ) -> None:
         self.metrics, self.listen, self.health = metrics, listen, health
         self.health_timeout = health_timeout
+        self.routes = routes
         self.adjustments: dict[str, Any] = {
             "threads": threads,
             "connection_limit": connection_limit,
@@ -77,7 +82,8 @@ class MetricsServer:
         host, port = self.listen
         sock = _bind(host, port)
         self._port = int(sock.getsockname()[1])
-        app = build_app(self.metrics.registry, HealthCheck(self.health, self.health_timeout))
+        registry = self.metrics.registry if self.metrics else CollectorRegistry()
+        app = build_app(registry, HealthCheck(self.health, self.health_timeout), self.routes)
         _quiet_tracebacks()
         try:
             server = create_server(app, map=self._map, sockets=[sock], **self.adjustments)
