@@ -53,6 +53,11 @@ log = logging.getLogger(__name__)
 
 DRAIN_SECONDS = 30.0
 LOOP_SECONDS = 0.5
+# Threads that run firings. Each firing claims its row (QUEUED while it waits for the limiter
+# or a connection) as soon as it comes due, so a killed process leaves a trace of every
+# firing that had a thread; firings beyond this many wait in memory. Threads are reused and
+# a waiting one costs little; systemd's default TasksMax (4915) leaves room.
+FIRING_THREADS = 1024
 BACKLOG_RETRY_SECONDS = 2.0  # how often writes kept for the database are tried again
 SHUTDOWN_WRITE_PAUSES = (1.0, 2.0, 3.0, 4.0, 0.0)  # shutdown's clean-up retries (10 s in all)
 _NO_OFFSET = timedelta(0)
@@ -123,9 +128,7 @@ class Daemon:
         self.limiter = self.runner.limiter
         self.observers.read_rate_limits = self.limiter.snapshot
         self.metrics.track_in_progress(self.runner.running)
-        self.scheduler = scheduler or build_scheduler(
-            max(32, 4 * config.api.concurrency), on_dropped=self._on_dropped
-        )
+        self.scheduler = scheduler or build_scheduler(FIRING_THREADS, on_dropped=self._on_dropped)
         self.heartbeat = instances.Heartbeat(
             engine, self.instance, __version__, instances.heartbeat_interval()
         )

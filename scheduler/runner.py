@@ -83,6 +83,18 @@ def build_runner(
     return runner
 
 
+@dataclass
+class _Turn:
+    """What a call holds before it may leave: a limiter permit and one of the connections."""
+
+    permit: Permit | None = None
+    slot: bool = False
+
+    @property
+    def ready(self) -> bool:
+        return self.permit is not None and self.slot
+
+
 @dataclass(frozen=True)
 class Firing:
     """What to run: one test of one job for one slot."""
@@ -213,8 +225,8 @@ class Runner:
             return NotRun.CLAIMED_ELSEWHERE, None
         self.hooks.claimed(firing)
         while True:
-            row_id, permit = claim
-            result = self._attempt(firing, run_id, row_id, attempt, permit)
+            row_id, turn = claim
+            result = self._attempt(firing, run_id, row_id, attempt, turn)
             if isinstance(result, str):  # never sent: recorded missed, with why
                 return Outcome.MISSED, result
             done = (Outcome(result.outcome), result.error)
@@ -238,50 +250,53 @@ class Runner:
 
     def _claim(
         self, firing: Firing, run_id: str, attempt: int
-    ) -> tuple[int, Permit | None] | _Failed | None:
-        """Insert the attempt's row; with it the permit, when one was free at once.
+    ) -> tuple[int, _Turn] | _Failed | None:
+        """Insert the attempt's row, holding whatever turn to send was free at once.
 
-        Without a free permit the row is written ``QUEUED``: should this process die while
-        the call waits, recovery knows it was never sent. None: another instance has the row.
+        A call that must still wait (for the limiter or a free connection) gets its row
+        written ``QUEUED``: should this process die meanwhile, recovery knows the call never
+        left. None: another instance has the row.
         """
-        permit = self.limiter.try_acquire(firing.scheduled_for)
+        turn = _Turn(self.limiter.try_acquire(firing.scheduled_for))
+        turn.slot = turn.permit is not None and self._in_flight.acquire(blocking=False)
         key = self._key(firing, run_id, attempt)
         row_id = self._write(
-            history.start_attempt, self.engine, key, clock.now(), queued=permit is None
+            history.start_attempt, self.engine, key, clock.now(), queued=not turn.ready
         )
         if isinstance(row_id, int):
-            return row_id, permit
-        if permit is not None:
-            self.limiter.complete(permit, None)  # unused: free its in-flight slot
+            return row_id, turn
+        self._give_back(turn, None)
         if row_id is _FAILED:
             self._keep_missed(firing, run_id, attempt)
         return row_id
 
     def _attempt(
-        self, firing: Firing, run_id: str, row_id: int, attempt: int, permit: Permit | None
+        self, firing: Firing, run_id: str, row_id: int, attempt: int, turn: _Turn
     ) -> CallResult | str:
         """Send one attempt and complete its row; the reason when it was never sent."""
-        waited_from = clock.now() if permit is None else None
-        if permit is None:
-            permit = self.limiter.acquire(firing.scheduled_for)
-        unsent = self._why_not_send(firing, permit, waited_from)
+        waited_from = None if turn.ready else clock.now()
+        if turn.permit is None:
+            turn.permit = self.limiter.acquire(firing.scheduled_for)
+        unsent = self._why_not_send(firing, turn.permit, waited_from)
+        if unsent is None and not turn.slot:
+            turn.slot = self._wait_for_slot()
+            if not turn.slot:
+                unsent = (
+                    NEVER_SENT + "te-scheduler shut down while the call waited for a connection"
+                )
         if unsent is not None:
-            if permit is not None:
-                self.limiter.complete(permit, None)
+            self._give_back(turn, None)
             self._finish(row_id, Outcome.MISSED, None, unsent)
             log.warning('Job "%s" test %s %s', firing.job.name, firing.test_id, unsent)
             return unsent
         if waited_from is not None:
             self._write(history.mark_sent, self.engine, row_id, clock.now())
-        assert permit is not None
         lag = clock.epoch() - (firing.scheduled_for + firing.offset).timestamp()
         result = None
         try:
-            with self._in_flight:
-                result = self.send(firing.test_id, firing.job.aid)
+            result = self.send(firing.test_id, firing.job.aid)
         finally:
-            self.limiter.complete(permit, result)
-        assert result is not None
+            self._give_back(turn, result)
         self._log_attempt(firing, run_id, attempt, result, lag)
         outcome = Outcome(result.outcome)
         # An accepted run is followed up (SPEC 7) in the same write that finishes it.
@@ -296,6 +311,22 @@ class Runner:
         )
         self.hooks.attempted(firing, attempt, result, lag)
         return result
+
+    def _wait_for_slot(self) -> bool:
+        """Wait for one of ``concurrency`` connections; False when shutdown comes first."""
+        while not self.stop.is_set():
+            if self._in_flight.acquire(timeout=0.5):
+                return True
+        return False
+
+    def _give_back(self, turn: _Turn, result: CallResult | None) -> None:
+        """Release what ``turn`` holds; ``result`` teaches the limiter (None: nothing sent)."""
+        if turn.permit is not None:
+            self.limiter.complete(turn.permit, result)
+            turn.permit = None
+        if turn.slot:
+            self._in_flight.release()
+            turn.slot = False
 
     def _why_not_send(
         self, firing: Firing, permit: Permit | None, waited_from: datetime | None
