@@ -274,7 +274,8 @@ class Daemon:
         """Write the backlog out whenever the database answers again (its own thread: a
         database that hangs must not hold the main loop and its signals)."""
         while not self.stop.is_set():
-            clock.wait(self.stop, BACKLOG_RETRY_SECONDS)
+            # Real time, not the clock seam: a retry interval, not a schedule.
+            self.stop.wait(BACKLOG_RETRY_SECONDS)
             if len(self.backlog) and not self.stop.is_set():
                 self.backlog.flush()
 

@@ -33,6 +33,8 @@ from scheduler.store.recovery import is_dead_process
 
 log = logging.getLogger(__name__)
 
+FIRST_PASS_DELAY = 2.0  # seconds after start before the first pass over follow-ups
+
 POLL = 5.0  # seconds between passes at most (a new follow-up's first read is >= 20 s away)
 SETTLE = timedelta(seconds=15)  # the same agents this far apart: the round is complete
 MAX_BACKOFF = 120.0  # seconds between reads of a round not there yet, at most
@@ -121,6 +123,8 @@ class FollowupReader:
         self.reader, self._types = reader, {}
 
     def _loop(self) -> None:
+        # No round is readable this early, and start-up's own history reads come first.
+        self.stop.wait(FIRST_PASS_DELAY)
         while not self.stop.is_set():
             try:
                 delay = self.step()

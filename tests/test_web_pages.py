@@ -216,14 +216,6 @@ def test_rate_limits_from_the_shared_table(site: str, engine: Any) -> None:
     assert "organization: 200" in html
 
 
-RESULTS_DDL = """
-CREATE TABLE results (
-    id INTEGER PRIMARY KEY, attempt_id INTEGER NOT NULL, job TEXT, test_id TEXT, endpoint TEXT,
-    round_id INTEGER, agent_id TEXT, agent_name TEXT, date TEXT, ok BOOLEAN, error TEXT,
-    loss FLOAT, latency_ms FLOAT, response_code INTEGER, data TEXT, app_link TEXT)
-"""
-
-
 def test_results_show_when_their_table_exists(site: str, engine: Any) -> None:
     attempt = _record(engine, 1)
     rows = [
@@ -231,13 +223,13 @@ def test_results_show_when_their_table_exists(site: str, engine: Any) -> None:
         ("Paris <b>", 1, None, 0.0, 20.0, 200, "javascript:alert(1)"),
         ("Lima", 0, "Timeout: no answer", 100.0, None, None, None),
     ]
-    with engine.begin() as conn:
-        conn.exec_driver_sql(RESULTS_DDL)
-        for row in rows:
+    with engine.begin() as conn:  # the table migration 0003 made
+        for agent, row in enumerate(rows):
             conn.exec_driver_sql(
-                "INSERT INTO results (attempt_id, agent_name, ok, error, loss, latency_ms, "
-                "response_code, app_link) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (attempt, *row),
+                "INSERT INTO results (attempt_id, job, test_id, endpoint, round_id, agent_id, "
+                "agent_name, ok, error, loss, latency_ms, response_code, app_link) "
+                "VALUES (?, 'dns', '105', 'network', 1, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (attempt, str(agent), *row),
             )
     html = requests.get(site + "/", timeout=5).text
     assert "2/3 ok</span> · 20 ms" in html  # the median of the latencies there are
@@ -259,7 +251,7 @@ def test_results_show_when_their_table_exists(site: str, engine: Any) -> None:
     }
 
 
-def test_without_results_table_cells_show_a_dash(site: str, engine: Any) -> None:
+def test_without_results_cells_show_a_dash(site: str, engine: Any) -> None:
     _record(engine, 1)
     html = requests.get(site + "/", timeout=5).text
     assert '<td><span class="none">—</span></td>' in html
