@@ -417,15 +417,8 @@ class Daemon:
         slots = [run_time.astimezone(timezone.utc) - entry.offset for run_time in run_times]
         current = self._entries.get(job_id)
         if current is None:  # removed or disabled by a reload while this waited for a thread
-            self._quietly(
-                self._record_missed,
-                entry.job,
-                entry.test_id,
-                slots[0],
-                slots[-1],
-                len(slots),
-                "its job was removed or disabled before the firing began",
-            )
+            why = "its job was removed or disabled before the firing began"
+            self._record_unsent(entry, run_times, why, never_sent=False)
             return
         if current.timing == entry.timing:
             entry = current  # the latest settings (aid, retry ...) for the same slots
@@ -464,7 +457,11 @@ class Daemon:
         if isinstance(entry, Entry) and run_times:
             self._record_unsent(entry, run_times, "te-scheduler shut down before the firing began")
 
-    def _record_unsent(self, entry: Entry, run_times: list[datetime], why: str) -> None:
+    def _record_unsent(
+        self, entry: Entry, run_times: list[datetime], why: str, *, never_sent: bool = True
+    ) -> None:
+        """One ``missed`` row for firings that never began; ``never_sent``: a restart may
+        still catch the slot up (not so for a job a reload removed)."""
         slots = [run_time.astimezone(timezone.utc) - entry.offset for run_time in run_times]
         self._quietly(
             self._record_missed,
@@ -474,7 +471,7 @@ class Daemon:
             slots[-1],
             len(slots),
             why,
-            never_sent=True,
+            never_sent=never_sent,
         )
 
     def _why_late(self, slot: datetime) -> str:

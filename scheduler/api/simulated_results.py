@@ -24,20 +24,9 @@ from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import urlencode
 
-TYPES = (
-    "agent-to-server",
-    "agent-to-agent",
-    "http-server",
-    "page-load",
-    "web-transactions",
-    "api",
-    "ftp-server",
-    "dns-server",
-    "dns-trace",
-    "dnssec",
-    "sip-server",
-    "voice",
-)
+from scheduler.config.model import RESULT_TYPES
+
+TYPES = RESULT_TYPES  # the simulated test id N has type TYPES[N % len(TYPES)]
 PAGE_SIZE = 2
 EARLY = 60  # seconds before startDate from which a round is still answered
 _ENDPOINT = {"agent-to-server": "network", "agent-to-agent": "network", "voice": "rtp-server"}
