@@ -137,7 +137,8 @@ def _side(settings: Settings, case: Case, fetch: bool) -> dict[str, Any]:
         org_limit=case.limit * 10,
         instant_limit=case.limit,
         window=case.window,
-    ).start()
+    )
+    sim.start()
     start = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=5)
     tests = ", ".join(str(1000 + i) for i in range(case.limit))
     config = folder / "jobs.yaml"
