@@ -15,7 +15,7 @@ from bench.report import Section
 from bench.settings import Settings
 
 HERE = Path(__file__).resolve().parent
-SCENARIOS = ("server", "lag", "cost", "makespan", "history", "scale", "profile")
+SCENARIOS = ("server", "lag", "cost", "makespan", "history", "scale", "profile", "results")
 
 
 MODULES = {
@@ -26,6 +26,7 @@ MODULES = {
     "scale": "scale",
     "history": "history_size",
     "profile": "profile",
+    "results": "results",
     "soak": "soak",
 }
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-ORDER = ("server", "lag", "cost", "makespan", "scale", "history", "profile", "soak")
+ORDER = ("server", "lag", "cost", "makespan", "scale", "history", "profile", "results", "soak")
 
 
 @dataclass

@@ -160,6 +160,7 @@ class Daemon:
             instance=self.instance,
             jobs=lambda: {job.name: job for job in self.config.jobs},
             metrics=ResultMetrics(self.metrics.registry),
+            notifier=self.observers.notifier,  # notify.results streaks
         )
         self._next_watchdog = clock.monotonic()
 

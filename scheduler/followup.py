@@ -27,6 +27,7 @@ from scheduler.api.client import RateLimitBucket
 from scheduler.api.limiter import Limiter
 from scheduler.api.results import Read, ResultsReader, endpoint_of, first_read_after
 from scheduler.config.model import Job, ResultsConfig
+from scheduler.notify import Notifier
 from scheduler.store import instances
 from scheduler.store import results as store
 from scheduler.store.recovery import is_dead_process
@@ -95,6 +96,7 @@ class FollowupReader:
         instance: str,
         jobs: Callable[[], Mapping[str, Job]],
         metrics: ResultMetrics | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.engine = engine
         self.reader = reader
@@ -103,6 +105,7 @@ class FollowupReader:
         self.instance = instance
         self.jobs = jobs
         self.metrics = metrics
+        self.notifier = notifier  # told each ending, for ``notify.results`` streaks
         self._gate = _Gate(limiter, stop)
         self._types: dict[str | None, tuple[float, dict[str, str]]] = {}
         self._thread: threading.Thread | None = None
@@ -321,6 +324,25 @@ class FollowupReader:
             text,
             f" ({why})" if why else "",
             extra={"job": item.job, "test": item.test_id, "results": state},
+        )
+        self._notify(item, state, summary, text)
+
+    def _notify(
+        self, item: store.Followup, state: str, summary: dict[str, Any] | None, text: str
+    ) -> None:
+        """Feed the job's results streak: any agent not ok fails it, all ok ends it."""
+        job = self.jobs().get(item.job)
+        if self.notifier is None or job is None or not job.notify.results:
+            return
+        failed: bool | None = None
+        error = None
+        if state in ("complete", "partial") and summary:
+            failed = summary["ok"] < summary["agents"]
+            if failed:
+                first = store.first_error(self.engine, item.attempt_id)
+                error = f"{text}; {first}" if first else text
+        self.notifier.results_finished(
+            item.job, item.test_id, failed, error, item.sent_at, job.notify
         )
 
     # -- configuration and types --------------------------------------------------------------

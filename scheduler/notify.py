@@ -8,6 +8,12 @@ one (job, test) the webhook gets ONE ``failing`` message; the next success after
 ``recovered`` message. Streaks live in this process, so with several instances each counts
 the firings it ran.
 
+With ``notify.results`` on, the results of each rerun (SPEC 7) keep a second streak per
+(job, test), separate from call failures, under the same rules: a follow-up that ends with
+any agent not ok is a failed firing, one whose agents are all ok a success, and one that
+read no agent (``none``, ``error``, ``unknown-type``) is neutral. Its messages carry
+``"streak": "results"``; no ping is sent for results.
+
 Every send happens on one background thread (in order, each bounded by ``timeout``), so a
 slow or dead endpoint never delays a firing; a failed send is logged as a warning, never
 raised. ``timeout`` bounds the whole send, not each socket read (a watchdog shuts the socket
@@ -38,6 +44,7 @@ if TYPE_CHECKING:  # requests costs ~100 ms to import; config loading must not p
 log = logging.getLogger(__name__)
 
 NEUTRAL = frozenset({"skipped", "claimed-elsewhere"})
+RESULTS = "results"  # the third part of a results streak's key: (job, test, "results")
 ERROR_CAP = 300  # characters of ``last_error`` in a message
 QUEUE_SIZE = 1000  # sends waiting at most; beyond that new ones are dropped (and logged)
 USER_AGENT = f"te-scheduler/{__version__}"
@@ -76,7 +83,7 @@ class Notifier:
         self._session.headers.setdefault("User-Agent", USER_AGENT)
         self.instance = instance
         self._lock = threading.Lock()
-        self._streaks: dict[tuple[str, str], _Streak] = {}
+        self._streaks: dict[tuple[str, ...], _Streak] = {}
         self._active: dict[tuple[str, str], list[Any]] = {}  # key -> [run id, depth]
         self._queue: queue.Queue[_Send | None] = queue.Queue(QUEUE_SIZE)
         self._closed = False
@@ -125,6 +132,28 @@ class Notifier:
         if message is not None and cfg.webhook:
             self._enqueue(_Send("POST", cfg.webhook, cfg.timeout, json=message))
 
+    def results_finished(
+        self,
+        job: str,
+        test_id: str,
+        failed: bool | None,
+        error: str | None,
+        when: datetime,
+        cfg: NotifyConfig,
+    ) -> None:
+        """Record a follow-up's end in the (job, test, "results") streak when ``cfg.results``.
+
+        ``failed``: True when any agent was not ok, False when all were, None when no agent
+        was read (neutral). ``when`` is when the run was sent; ``error`` the first agent's.
+        """
+        if not cfg.results or failed is None:
+            return
+        outcome = "results-failed" if failed else "success"
+        with self._lock:
+            message = self._advance((job, test_id, RESULTS), outcome, error, when, cfg.after)
+        if message is not None and cfg.webhook:
+            self._enqueue(_Send("POST", cfg.webhook, cfg.timeout, json=message))
+
     def close(self, timeout: float = 5.0) -> None:
         """Send what is queued for up to ``timeout`` seconds, then stop the worker."""
         with self._lock:
@@ -152,7 +181,7 @@ class Notifier:
         return str(active[0])
 
     def _advance(
-        self, key: tuple[str, str], outcome: str, error: str | None, when: datetime, after: int
+        self, key: tuple[str, ...], outcome: str, error: str | None, when: datetime, after: int
     ) -> dict[str, Any] | None:
         """Move the streak of ``key``; the message to send when it crosses an edge."""
         streak = self._streaks.setdefault(key, _Streak())
@@ -170,49 +199,51 @@ class Notifier:
 
     # -- messages ---------------------------------------------------------------------------
     def _failing(
-        self, key: tuple[str, str], streak: _Streak, outcome: str, error: str | None
+        self, key: tuple[str, ...], streak: _Streak, outcome: str, error: str | None
     ) -> dict[str, Any]:
-        job, test_id = key
+        job, test_id = key[0], key[1]
         assert streak.since is not None
         last_error = (error or "")[:ERROR_CAP] or None
+        what = "had agents failing in" if key[2:] == (RESULTS,) else "failed"
         text = (
-            f':rotating_light: te-scheduler: job "{job}" test {test_id} failed '
+            f':rotating_light: te-scheduler: job "{job}" test {test_id} {what} '
             f"{streak.failures} firings in a row since {_iso(streak.since)}; "
             f"last: {outcome}" + (f": {last_error}" if last_error else "")
         )
         return self._payload(
             "failing",
             text,
-            job,
-            test_id,
+            key,
             failures=streak.failures,
             last_outcome=outcome,
             last_error=last_error,
             since=_iso(streak.since),
         )
 
-    def _recovered(self, key: tuple[str, str], streak: _Streak, when: datetime) -> dict[str, Any]:
-        job, test_id = key
+    def _recovered(self, key: tuple[str, ...], streak: _Streak, when: datetime) -> dict[str, Any]:
+        job, test_id = key[0], key[1]
         assert streak.since is not None
+        what = "all agents ok" if key[2:] == (RESULTS,) else "recovered"
         text = (
-            f':white_check_mark: te-scheduler: job "{job}" test {test_id} recovered at '
+            f':white_check_mark: te-scheduler: job "{job}" test {test_id} {what} at '
             f"{_iso(when)} after {streak.failures} failed firings "
             f"(failing since {_iso(streak.since)})"
         )
         return self._payload(
             "recovered",
             text,
-            job,
-            test_id,
+            key,
             failures=streak.failures,
             since=_iso(streak.since),
             recovered_at=_iso(when),
         )
 
     def _payload(
-        self, event: str, text: str, job: str, test_id: str, **fields: Any
+        self, event: str, text: str, key: tuple[str, ...], **fields: Any
     ) -> dict[str, Any]:
-        payload = {"text": text, "event": event, "job": job, "test_id": test_id, **fields}
+        payload = {"text": text, "event": event, "job": key[0], "test_id": key[1], **fields}
+        if key[2:] == (RESULTS,):  # call-failure messages keep their shape
+            payload["streak"] = RESULTS
         if self.instance:
             payload["instance"] = self.instance
         return payload

@@ -477,7 +477,7 @@ EXACT = [
         "defaults-notify-null",
         "defaults:\n  notify:\n" + JOB,
         [
-            "2:10: defaults.notify: must be a mapping with keys webhook, after, ping_url, timeout, "
+            "2:10: defaults.notify: must be a mapping with keys webhook, after, ping_url, timeout, results, "
             "got null"
         ],
     ),
@@ -769,14 +769,14 @@ EXACT = [
         job("    notify: {email: ops@example.com}\n"),
         [
             "5:14: jobs[0].notify.email: unknown key; allowed keys are webhook, after, ping_url, "
-            "timeout"
+            "timeout, results"
         ],
     ),
     (
         "notify-url-not-mapping",
         job("    notify: https://hooks.example.com/x\n"),
         [
-            "5:13: jobs[0].notify: must be a mapping with keys webhook, after, ping_url, timeout, "
+            "5:13: jobs[0].notify: must be a mapping with keys webhook, after, ping_url, timeout, results, "
             "got text"
         ],
     ),
@@ -784,7 +784,7 @@ EXACT = [
         "notify-list",
         job("    notify: [x]\n"),
         [
-            "5:13: jobs[0].notify: must be a mapping with keys webhook, after, ping_url, timeout, "
+            "5:13: jobs[0].notify: must be a mapping with keys webhook, after, ping_url, timeout, results, "
             "got a list"
         ],
     ),

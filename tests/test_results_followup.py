@@ -20,6 +20,7 @@ from scheduler.config.model import ApiConfig, Job, Rate, ResultsConfig, Schedule
 from scheduler.followup import FollowupReader
 from scheduler.store import history
 from scheduler.store import results as store
+from scheduler.store.tables import attempts
 
 T0 = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
 R0 = int(T0.timestamp())
@@ -127,9 +128,7 @@ def accepted_run(engine: sa.Engine, at: datetime, slot: int = 0) -> int:
 
 def state(engine: sa.Engine, attempt_id: int) -> str | None:
     with engine.connect() as conn:
-        return conn.scalar(
-            sa.select(history.attempts.c.results).where(history.attempts.c.id == attempt_id)
-        )
+        return conn.scalar(sa.select(attempts.c.results).where(attempts.c.id == attempt_id))
 
 
 def run_until_done(
@@ -162,9 +161,7 @@ def test_late_round_trickling_agents_settle_into_complete(
     api.answer = answer
     reader = make_reader(engine, api)
     with engine.begin() as conn:  # only the first run is read here
-        conn.execute(
-            sa.update(history.attempts).where(history.attempts.c.id == later).values(results=None)
-        )
+        conn.execute(sa.update(attempts).where(attempts.c.id == later).values(results=None))
     run_until_done(reader, fake_clock, engine, attempt_id)
     assert state(engine, attempt_id) == "complete"
     rows = store.query(engine)
@@ -245,7 +242,7 @@ def test_bad_answers_are_retried_a_bounded_number_of_times(
     assert state(engine, attempt_id) == "error"
     assert api.result_reads() == 5
     with engine.connect() as conn:
-        assert expected in conn.scalar(sa.select(store.followups.c.note))
+        assert expected in str(conn.scalar(sa.select(store.followups.c.note)))
 
 
 def test_no_round_within_the_wait_ends_as_none(
@@ -282,7 +279,7 @@ def test_a_live_instances_follow_up_is_left_alone_and_a_dead_ones_taken_over(
     instances.register(engine, ME, "test", T0)
     reader = make_reader(engine, api)
     with engine.begin() as conn:  # the run was host-b's
-        conn.execute(sa.update(history.attempts).values(instance="host-b:2"))
+        conn.execute(sa.update(attempts).values(instance="host-b:2"))
     reader.step()
     assert not store.waiting(engine)[0].owner  # host-b is alive: its own to claim
     other.step()

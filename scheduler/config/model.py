@@ -30,6 +30,7 @@ class NotifyConfig:
     after: int = 3  # consecutive failed firings before the ``failing`` message
     ping_url: str | None = None  # healthchecks.io-style: /start, success, /fail
     timeout: float = 10.0  # seconds per send
+    results: bool = False  # a follow-up ending with any agent not ok is a failed firing too
 
     def problems(self) -> list[tuple[str, str]]:
         """(key, message) for each invalid field, for config.py to locate in the file."""

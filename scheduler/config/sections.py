@@ -73,7 +73,7 @@ _API_KEYS = (
 )
 _DEFAULT_KEYS = ("aid", "timezone", "retry", "catch_up", "spread", "notify", "results")
 _RETRY_KEYS = ("attempts", "backoff", "max_backoff")
-_NOTIFY_KEYS = ("webhook", "after", "ping_url", "timeout")
+_NOTIFY_KEYS = ("webhook", "after", "ping_url", "timeout", "results")
 _RESULTS_KEYS = ("fetch", "type", "wait")
 _JOB_KEYS = ("name", "tests", "schedule", "enabled", *_DEFAULT_KEYS)
 _KINDS = ("cron", "every", "at")
@@ -190,6 +190,7 @@ def _notify(ck: Checker, path: Key, data: dict[str, Any], base: NotifyConfig) ->
         "ping_url": as_notify_url,
         "after": _as_is,
         "timeout": as_seconds(),
+        "results": as_bool,
     }
     fields = {
         key: ck.convert((*path, key), section[key], convert, getattr(base, key))

@@ -257,6 +257,22 @@ def count_rows(engine: Engine, attempt_id: int) -> int:
         return int(conn.scalar(stmt) or 0)
 
 
+def first_error(engine: Engine, attempt_id: int) -> str | None:
+    """``agent name: error`` of the first agent not ok in a follow-up's rows, if any."""
+    r = results.c
+    stmt = (
+        sa.select(r.agent_name, r.agent_id, r.error)
+        .where(r.attempt_id == attempt_id, sa.not_(r.ok))
+        .order_by(r.agent_id)
+        .limit(1)
+    )
+    with translate_errors(engine, "reading results"), engine.connect() as conn:
+        row = conn.execute(stmt).first()
+    if row is None:
+        return None
+    return f"{row.agent_name or row.agent_id}: {row.error or 'not ok'}"
+
+
 def later_run(engine: Engine, item: Followup) -> datetime | None:
     """T1: when the next accepted run of the same test (and aid) after ``item`` was sent."""
     a = attempts.c
