@@ -144,7 +144,9 @@ class Runner:
         backlog: Backlog | None = None,
     ) -> None:
         self.engine = engine
-        self.backlog = backlog or Backlog()
+        # "is None", not "or": an empty Backlog is falsy (it has a length), and a runner with
+        # a backlog of its own would hide every failed write from the daemon and /healthz.
+        self.backlog = backlog if backlog is not None else Backlog()
         self.send = send
         self.limiter = limiter
         self.stop = stop
@@ -456,13 +458,14 @@ class Runner:
         """
         for pause in (*_WRITE_RETRY_PAUSES, None):
             try:
-                result = write(*args, **kwargs)
+                with self.backlog.writing():
+                    result = write(*args, **kwargs)
                 self.backlog.succeeded()
                 return result
             except Exception as exc:  # a database that fails must not kill the daemon
+                self.backlog.failed(exc)  # /healthz says so from the first failure
                 if pause is None:
                     log.error("History write %s failed for good: %s", write.__name__, exc)
-                    self.backlog.failed(exc)
                     return _FAILED
                 log.warning("History write %s failed (%s); retrying", write.__name__, exc)
                 clock.wait(threading.Event(), pause)
