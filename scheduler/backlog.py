@@ -42,6 +42,7 @@ class Backlog:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._flushing = threading.Lock()  # one flush at a time: a missed row is inserted once
         self._items: deque[Item] = deque()
         self._failing_since: datetime | None = None
         self._last_error = ""
@@ -84,6 +85,10 @@ class Backlog:
 
     def flush(self) -> bool:
         """Write out what is kept, oldest first, until one fails; True when nothing is left."""
+        with self._flushing:
+            return self._flush()
+
+    def _flush(self) -> bool:
         while True:
             with self._lock:
                 if not self._items:
