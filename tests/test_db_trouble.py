@@ -9,11 +9,13 @@ import sqlite3
 import subprocess
 import time
 from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
+import sqlalchemy as sa
 
 from tests.conftest import wait_until, write_config
 from tests.test_operations import free_port
@@ -249,3 +251,92 @@ def full_disk_run(
     no_lost_call(rows, simulator.counts().get("105", 0))
     kept = [r for r in rows if "could not be written when it came due" in (r["error"] or "")]
     assert kept and all(r["outcome"] == "missed" for r in kept), rows
+
+
+# -- 4. PostgreSQL stopped under a daemon with calls in flight -------------------------------
+def pg_rows(url: str) -> list[dict[str, Any]]:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as connection:
+            result = connection.execute(sa.text("SELECT * FROM attempts ORDER BY id"))
+            return [dict(row._mapping) for row in result]
+    finally:
+        engine.dispose()
+
+
+def pg_cluster() -> Any:
+    from tests import postgres
+
+    cluster = postgres._shared.get("cluster")
+    if cluster is None:
+        pytest.skip("the PostgreSQL server is not a local cluster this test can stop")
+    return cluster
+
+
+def test_postgres_stopped_for_12s_with_calls_in_flight(
+    tmp_path: Path,
+    simulator: Any,
+    postgres_url: str,
+    start_daemon: Callable[..., Any],
+) -> None:
+    cluster = pg_cluster()
+    port = free_port()
+    simulator.latency = 1.0
+    config = write_config(
+        tmp_path / "jobs.yaml",
+        f"""\
+metrics:
+  listen: 127.0.0.1:{port}
+jobs:
+  - name: pulse
+    tests: [105, 106]
+    schedule: {{every: 2s}}
+    retry: {{attempts: 1}}
+""",
+        base_url=simulator.url,
+        db_url=postgres_url,
+    )
+    daemon = start_daemon(config)
+    daemon.wait_for_log("outcome=success")
+    wait_health(port, 200, 10)
+
+    before = sum(simulator.counts().values())
+    wait_until(lambda: sum(simulator.counts().values()) > before, 10, "a call in flight")
+    cluster._pg("pg_ctl", "-D", str(cluster.data), "-m", "fast", "-w", "stop")
+    down_at = time.monotonic()
+    stopped_at = datetime.now(timezone.utc)
+    try:
+        time.sleep(0.5)  # a claim committed just before the stop may still be sending
+        sent_before = sum(simulator.counts().values())
+        body = wait_health(port, 503, 10, "/healthz 503 while PostgreSQL is down")
+        time.sleep(max(0.0, 12.0 - (time.monotonic() - down_at)))
+        sent_while_down = sum(simulator.counts().values()) - sent_before
+        alive = daemon.proc.poll() is None
+    finally:
+        cluster._pg(
+            "pg_ctl", "-D", str(cluster.data), "-l", str(cluster.log), "-w", "-t", "60",
+            "-o", cluster._options(), "start",
+        )  # fmt: skip
+    started_at = datetime.now(timezone.utc)
+    assert alive, daemon.log
+    assert sent_while_down == 0, f"{sent_while_down} call(s) sent while PostgreSQL was down"
+    healthy = wait_health(port, 200, 30, "/healthz 200 once PostgreSQL is back")
+    assert "history" not in healthy, healthy
+    time.sleep(3.0)  # a slot or two after the return
+    assert daemon.stop(signal.SIGTERM) == 0
+    assert "Traceback" not in daemon.log
+
+    rows = pg_rows(postgres_url)
+    received = sum(simulator.counts().values())
+    no_lost_call(rows, received)
+    slots = [(r["test_id"], r["scheduled_for"]) for r in rows if r["outcome"] != "missed"]
+    assert len(slots) == len(set(slots)), "a slot ran twice"
+    down = [
+        r
+        for r in rows
+        if r["outcome"] == "missed"
+        and "could not be written when it came due" in (r["error"] or "")
+    ]
+    assert down, rows
+    assert all(stopped_at - timedelta(seconds=2) <= r["scheduled_for"] <= started_at for r in down)
+    print(f"503: {body}; missed while down: {len(down)}; calls: {received}")
