@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -21,6 +22,10 @@ from scheduler import clock
 log = logging.getLogger(__name__)
 
 MAX_ITEMS = 100_000  # beyond this the oldest are dropped (and logged): memory stays bounded
+# A write waiting this long counts as failing: a locked SQLite file makes writes wait (its
+# 10 s busy timeout, then retries) without an error, while reads, and so a read-only health
+# check, still work. Healthy writes take milliseconds; a WAL checkpoint well under a second.
+STALLED_AFTER = 5.0
 
 
 @dataclass(frozen=True)
@@ -37,9 +42,11 @@ class Backlog:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._flushing = threading.Lock()  # one flush at a time: a missed row is inserted once
         self._items: deque[Item] = deque()
         self._failing_since: datetime | None = None
         self._last_error = ""
+        self._writing: dict[object, float] = {}  # writes in progress -> monotonic start
 
     def add(self, item: Item, error: BaseException | str) -> None:
         """Keep ``item`` for later; history writes count as failing from now on."""
@@ -64,8 +71,24 @@ class Backlog:
             if not self._items:
                 self._failing_since = None
 
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Mark one history write in progress, so a write stuck waiting shows in /healthz."""
+        token = object()
+        with self._lock:
+            self._writing[token] = clock.monotonic()
+        try:
+            yield
+        finally:
+            with self._lock:
+                del self._writing[token]
+
     def flush(self) -> bool:
         """Write out what is kept, oldest first, until one fails; True when nothing is left."""
+        with self._flushing:
+            return self._flush()
+
+    def _flush(self) -> bool:
         while True:
             with self._lock:
                 if not self._items:
@@ -73,7 +96,8 @@ class Backlog:
                     return True
                 item = self._items[0]
             try:
-                item.write()
+                with self.writing():
+                    item.write()
             except Exception as exc:  # the database is still away: try again later
                 with self._lock:
                     self._note_failure(exc)
@@ -92,7 +116,7 @@ class Backlog:
         """Why history writes are failing, for /healthz; None while they work."""
         with self._lock:
             if self._failing_since is None:
-                return None
+                return self._stalled()
             waiting = f"; {len(self._items)} write(s) waiting" if self._items else ""
             return (
                 f"history writes failing since {self._failing_since.isoformat()}: "
@@ -109,6 +133,17 @@ class Backlog:
     def __len__(self) -> int:
         with self._lock:
             return len(self._items)
+
+    def _stalled(self) -> str | None:
+        if not self._writing:
+            return None
+        waited = clock.monotonic() - min(self._writing.values())
+        if waited < STALLED_AFTER:
+            return None
+        return (
+            f"history writes stalled: one has waited {waited:.0f}s for the database "
+            "(locked by another process, or not answering)"
+        )
 
     def _note_failure(self, error: BaseException | str) -> None:
         if self._failing_since is None:

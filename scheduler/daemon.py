@@ -59,7 +59,8 @@ LOOP_SECONDS = 0.5
 # a waiting one costs little; systemd's default TasksMax (4915) leaves room.
 FIRING_THREADS = 1024
 BACKLOG_RETRY_SECONDS = 2.0  # how often writes kept for the database are tried again
-SHUTDOWN_WRITE_PAUSES = (1.0, 2.0, 3.0, 4.0, 0.0)  # shutdown's clean-up retries (10 s in all)
+SHUTDOWN_WRITE_PAUSES = (1.0, 2.0, 3.0, 4.0, 0.0)  # shutdown's clean-up retries
+SHUTDOWN_WRITE_SECONDS = 10.0  # ... for this long at most, so a stop ends within systemd's 90 s
 _NO_OFFSET = timedelta(0)
 LOG_EACH_JOB_UP_TO = 100  # start-up logs a line per job up to this many, then one summary
 
@@ -233,20 +234,23 @@ class Daemon:
         waited = 0.0
         while not self._force and waited < DRAIN_SECONDS and not self.runner.wait_idle(0.5):
             waited += 0.5
-        self._close_history()
+        closed = self._close_history()
         if self._pruner is not None:
             self._pruner.join(5.0)  # it stops between batches once self.stop is set
         self.results.join()  # results: ends between requests once self.stop is set
         self.heartbeat.stop()
-        self._quietly(instances.mark_stopped, self.engine, self.instance, clock.now())
+        if closed:  # else the database did not answer: another wait would only delay the exit
+            self._quietly(instances.mark_stopped, self.engine, self.instance, clock.now())
         self.observers.notifier.close(5.0)
         if self._metrics_server:
             self._metrics_server.stop()
         log.info("Stopped")
 
-    def _close_history(self) -> None:
-        """Write what waits in the backlog, then end this instance's open rows; retried for a
-        while when the database is away, and whatever cannot be recorded is logged row by row."""
+    def _close_history(self) -> bool:
+        """Write what waits in the backlog, then end this instance's open rows; retried for
+        ``SHUTDOWN_WRITE_SECONDS`` when the database is away (one try may add SQLite's busy
+        timeout), then whatever could not be recorded is logged row by row. True when done."""
+        deadline = clock.monotonic() + SHUTDOWN_WRITE_SECONDS
         for pause in SHUTDOWN_WRITE_PAUSES:
             try:
                 if self.backlog.flush():
@@ -258,17 +262,20 @@ class Daemon:
                     )
                     if marked:
                         log.warning("Ended %d unfinished attempt(s) at shutdown", marked)
-                    return
+                    return True
             except Exception as exc:  # the database is away: try again, then say what is lost
                 log.warning("History clean-up at shutdown failed (%s); retrying", exc)
-            if pause:
-                clock.wait(threading.Event(), pause)
+            left = deadline - clock.monotonic()
+            if left <= 0:
+                break
+            clock.wait(threading.Event(), min(pause, left))
         for what in self.backlog.give_up():
             log.error("Not recorded (the history database did not answer): %s", what)
         log.error(
             "Rows this instance left pending stay pending until the next start ends them; "
             "the lines above say how each call ended"
         )
+        return False
 
     # -- the main loop ----------------------------------------------------------------
     def _flush_loop(self) -> None:

@@ -144,7 +144,9 @@ class Runner:
         backlog: Backlog | None = None,
     ) -> None:
         self.engine = engine
-        self.backlog = backlog or Backlog()
+        # "is None", not "or": an empty Backlog is falsy (it has a length), and a runner with
+        # a backlog of its own would hide every failed write from the daemon and /healthz.
+        self.backlog = backlog if backlog is not None else Backlog()
         self.send = send
         self.limiter = limiter
         self.stop = stop
@@ -370,15 +372,24 @@ class Runner:
 
     def _skip(self, firing: Firing, run_id: str, previous: str) -> Outcome:
         reason = f"previous firing (run {previous[:8]}) of this test still running"
-        self._write(
-            history.record_attempt,
-            self.engine,
-            self._key(firing, run_id, 1),
-            started_at=clock.now(),
-            finished_at=clock.now(),
-            outcome=Outcome.SKIPPED,
-            error=reason,
-        )
+        key, now = self._key(firing, run_id, 1), clock.now()
+
+        def record_skipped() -> None:
+            history.record_attempt(
+                self.engine,
+                key,
+                started_at=now,
+                finished_at=now,
+                outcome=Outcome.SKIPPED,
+                error=reason,
+            )
+
+        if self._write(record_skipped) is _FAILED:  # kept like every other row, not dropped
+            what = (
+                f'job "{firing.job.name}" test {firing.test_id} slot '
+                f"{firing.scheduled_for.isoformat()}: skipped ({reason})"
+            )
+            self.backlog.add(Item(what, record_skipped), "the database did not answer")
         log.warning(
             'Skipped job "%s" test %s scheduled for %s: %s',
             firing.job.name,
@@ -456,13 +467,16 @@ class Runner:
         """
         for pause in (*_WRITE_RETRY_PAUSES, None):
             try:
-                result = write(*args, **kwargs)
+                with self.backlog.writing():
+                    result = write(*args, **kwargs)
                 self.backlog.succeeded()
                 return result
             except Exception as exc:  # a database that fails must not kill the daemon
-                if pause is None:
+                self.backlog.failed(exc)  # /healthz says so from the first failure
+                # At shutdown no retry: each can wait SQLite's 10 s busy timeout, and the
+                # backlog and shutdown's own retries take over what failed.
+                if pause is None or self.stop.is_set():
                     log.error("History write %s failed for good: %s", write.__name__, exc)
-                    self.backlog.failed(exc)
                     return _FAILED
                 log.warning("History write %s failed (%s); retrying", write.__name__, exc)
                 clock.wait(threading.Event(), pause)
