@@ -34,7 +34,6 @@ class Item:
 
     what: str
     write: Callable[[], object]
-    row_id: int | None = None  # the attempts row this completes, if it completes one
 
 
 class Backlog:
@@ -106,11 +105,6 @@ class Backlog:
                 if self._items and self._items[0] is item:
                     self._items.popleft()
             log.info("History write done after all: %s", item.what)
-
-    def row_ids(self) -> frozenset[int]:
-        """The rows whose completion waits here (not to be mistaken for interrupted calls)."""
-        with self._lock:
-            return frozenset(i.row_id for i in self._items if i.row_id is not None)
 
     def problem(self) -> str | None:
         """Why history writes are failing, for /healthz; None while they work."""

@@ -437,7 +437,7 @@ class Runner:
         if self._write(finish_attempt) is _FAILED:
             status_text = status if status is not None else "-"
             what = f"row {row_id}: outcome={outcome} status={status_text} error={error!r}"
-            self.backlog.add(Item(what, finish_attempt, row_id), "the database did not answer")
+            self.backlog.add(Item(what, finish_attempt), "the database did not answer")
 
     def _keep_missed(self, firing: Firing, run_id: str, attempt: int) -> None:
         """A firing whose row could not be written was not sent; record it missed later."""

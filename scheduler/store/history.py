@@ -124,17 +124,14 @@ def interrupt_pending(
     finished_at: datetime,
     error: str,
     never_sent: str = STOPPED_WHILE_QUEUED,
-    keep: frozenset[int] = frozenset(),
 ) -> int:
     """End the pending rows of the instances ``where_instance`` accepts; returns how many.
 
     A row still ``QUEUED`` never sent its call: it becomes ``missed`` (``never_sent``), so a
     restart may catch its slot up. Any other may have reached the API: ``interrupted``
-    (``error``). Rows in ``keep`` (answers waiting for the database) are left alone.
+    (``error``).
     """
-    rows = [
-        r for r in pending_rows(engine) if where_instance(r["instance"]) and r["id"] not in keep
-    ]
+    rows = [r for r in pending_rows(engine) if where_instance(r["instance"])]
     queued = [r["id"] for r in rows if r["error"] == QUEUED]
     sent = [r["id"] for r in rows if r["error"] != QUEUED]
     changed = _end_pending(engine, queued, finished_at, Outcome.MISSED, never_sent)
