@@ -8,13 +8,15 @@ import json
 import re
 import signal
 import socket
+import subprocess
+import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
 from scheduler.api.simulator import Simulator
-from tests.conftest import TOKEN, cli_env, run_cli, wait_until, write_config
+from tests.conftest import REPO, TOKEN, cli_env, run_cli, wait_until, write_config
 
 JOBS = """\
 jobs:
@@ -275,3 +277,55 @@ def test_a_reload_of_many_changes_names_ten_then_counts(tmp_path, simulator, db_
     assert daemon.stop() == 0
     [line] = re.findall(r"Reloaded .*", daemon.log)
     assert "14 schedule change(s): j00, j01," in line and "j09 and 4 more" in line
+
+
+# -- 2. the README: install commands that work, plan's JSON as it is -----------------------
+
+
+def readme_commands() -> list[str]:
+    """The lines of the README's ``sh`` code blocks, comments dropped."""
+    text = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```sh\n(.*?)```", text, flags=re.S)
+    return [line.split("  #")[0].strip() for block in blocks for line in block.splitlines()]
+
+
+def test_the_readme_installs_from_a_checkout_or_a_wheel(tmp_path: Path):
+    pytest.importorskip("hatchling")  # the build backend, to build offline
+    commands = readme_commands()
+    assert not [c for c in commands if re.search(r"pip install ['\"]?te-scheduler", c)]
+    assert ".venv/bin/pip install ." in commands
+    assert ".venv/bin/pip install '.[postgres]'" in commands
+    [build] = [c for c in commands if "pip wheel" in c]
+    [install] = [c for c in commands if c.startswith("pip install dist/")]
+    args = build.split()[build.split().index("wheel") :]
+    out = tmp_path / "dist"
+    args[args.index("-w") + 1] = str(out)
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", *args, "--no-build-isolation", "-q"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert built.returncode == 0, built.stderr
+    pattern = install.split()[-1].removeprefix("dist/")
+    assert [p.name for p in out.glob(pattern)], (pattern, list(out.iterdir()))
+
+
+def test_the_readme_describes_plan_json_as_it_prints(config: Path):
+    text = " ".join((REPO / "README.md").read_text().split())
+    assert '`plan`: `{"firings": [], "warnings": [...]}`' in text
+    assert '`{"job", "test_id", "scheduled_for", "utc", "local"}`' in text
+    result = run_cli(
+        "-c",
+        str(config),
+        "plan",
+        "--from",
+        "2026-11-28T01:00:00Z",
+        "--until",
+        "1h",
+        "--format",
+        "json",
+    )  # a Saturday night: nothing is due
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"firings": [], "warnings": []}
