@@ -75,7 +75,8 @@ Examples:
   te-scheduler trigger dns-business-hours   run one job now
 
 Times (--since, --until, --from) are ISO-8601 (UTC unless an offset is given) or a
-duration back from now: 15m, 24h, 7d. Exit codes: 0 ok, 1 a job or check failed,
+duration back from now: 15m, 24h, 7d (plan looks ahead: there a duration counts
+forward). Exit codes: 0 ok, 1 a job or check failed,
 2 bad usage or config, 3 database unreachable or not migrated.
 """
 

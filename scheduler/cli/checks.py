@@ -35,7 +35,8 @@ def check_online(config: Config, token: str) -> str:
     Raises TokenError (exit 2) when the API refuses the token (401/403), SchedulerError
     (exit 1) when it cannot be reached or answers otherwise. Messages never hold the token.
     """
-    aids = sorted({job.aid for job in config.jobs}, key=lambda aid: (aid is not None, aid or ""))
+    distinct = {job.aid for job in config.jobs} or {None}
+    aids = sorted(distinct, key=lambda aid: (aid is not None, aid or ""))
     session = build_session(config.api)
     try:
         for aid in aids:
