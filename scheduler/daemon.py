@@ -82,6 +82,12 @@ class Entry:
         return (self.job.schedule, self.offset)
 
 
+def _name_some(names: list[str], most: int = 10) -> str:
+    """``a, b, c``; past ``most`` names, ``... and N more``."""
+    shown = ", ".join(names[:most])
+    return f"{shown} and {len(names) - most} more" if len(names) > most else shown
+
+
 def entries_of(config: Config) -> dict[str, Entry]:
     """Every enabled (job, test) with its spread offset, keyed by APScheduler job id."""
     result = {}
@@ -359,27 +365,30 @@ class Daemon:
         changed = self._apply(entries_of(config))
         self.metrics.config_reload(True)
         log.info(
-            "Reloaded %s (%s): %d job(s), %d schedule change(s)",
+            "Reloaded %s (%s): %d job(s) (%d enabled), %d schedule change(s)%s",
             config.path,
             why,
+            len(config.jobs),
             len(config.enabled_jobs),
-            changed,
+            len(changed),
+            f": {_name_some(sorted(changed))}" if changed else "",
         )
         return True
 
-    def _apply(self, wanted: dict[str, Entry], since: datetime | None = None) -> int:
+    def _apply(self, wanted: dict[str, Entry], since: datetime | None = None) -> set[str]:
         """Make APScheduler's jobs match ``wanted``; unchanged timings keep their next fire.
+        Returns the names of the jobs added, removed or re-timed.
 
         ``since`` (at start) is the moment catch-up decided up to: new jobs begin with the
         first slot at or after it, even one that passed while they were being added, so no
         slot falls between catch-up and the schedule.
         """
-        changes = 0
+        changes: set[str] = set()
         previous = self._entries
         for job_id in set(previous) - set(wanted):
             with contextlib.suppress(JobLookupError):  # a one-off that already fired
                 self.scheduler.remove_job(job_id)
-            changes += 1
+            changes.add(previous[job_id].job.name)
         # Known from now on (_on_due drops firings of jobs it does not know), so a job added
         # below may fire before the adds are done.
         self._entries = wanted
@@ -403,7 +412,7 @@ class Daemon:
                 replace_existing=True,
                 **first,
             )
-            changes += 1
+            changes.add(entry.job.name)
         return changes
 
     # -- firing -----------------------------------------------------------------------

@@ -49,10 +49,12 @@ HISTORY_TABLE = (
     "results",
     "error",
 )
-STATS_COLUMNS = (
+STATS_COLUMNS = (  # every format shows these, in this order (and any the store adds, after)
     "job",
     "test_id",
     "firings",
+    "attempts",
+    "successes",
     "success_rate",
     "last_success",
     "last_failure",
@@ -73,7 +75,8 @@ Examples:
   te-scheduler trigger dns-business-hours   run one job now
 
 Times (--since, --until, --from) are ISO-8601 (UTC unless an offset is given) or a
-duration back from now: 15m, 24h, 7d. Exit codes: 0 ok, 1 a job or check failed,
+duration back from now: 15m, 24h, 7d (plan looks ahead: there a duration counts
+forward). Exit codes: 0 ok, 1 a job or check failed,
 2 bad usage or config, 3 database unreachable or not migrated.
 """
 
@@ -217,6 +220,23 @@ def time_option(text: str, now: datetime, option: str) -> datetime:
         return config_mod.parse_when(text, now)
     except ValueError as exc:
         raise UsageError(f"{option}: {exc}") from None
+
+
+def ahead_option(text: str, base: datetime, option: str) -> datetime:
+    """For commands that look ahead (plan): a duration counts forward from ``base``."""
+    try:
+        return base + config_mod.parse_duration(text)
+    except ValueError:
+        pass  # not a duration: an ISO time, read as everywhere else
+    except OverflowError:
+        raise UsageError(f"{option}: {text!r} reaches past the year 9999") from None
+    try:
+        return config_mod.parse_when(text, base)
+    except ValueError:
+        raise UsageError(
+            f"{option}: {text!r} is not a time: use an ISO-8601 time like "
+            "2026-01-31T08:00:00Z or a duration ahead like 2h, 7d"
+        ) from None
 
 
 def duration_option(text: str, option: str) -> timedelta:

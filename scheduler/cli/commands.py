@@ -13,12 +13,13 @@ import click
 
 from scheduler import clock
 from scheduler import config as config_mod
-from scheduler.cli import render
+from scheduler.cli import checks, render
 from scheduler.cli.base import (
     HISTORY_COLUMNS,
     HISTORY_TABLE,
     STATS_COLUMNS,
     State,
+    ahead_option,
     cli,
     duration_option,
     emit,
@@ -75,13 +76,24 @@ def run(state: State, simulate: bool, watch: bool) -> None:
 
 
 @cli.command()
+@click.option(
+    "--online",
+    is_flag=True,
+    help="Also ask the API (one GET /tests per aid) whether it accepts the token.",
+)
 @pass_state
-def validate(state: State) -> None:
-    """Check the config; print one line per job, or every error as FILE:LINE:COL."""
+def validate(state: State, online: bool) -> None:
+    """Check the config and that the token can be read; print one line per job.
+
+    Errors go to stderr as FILE:LINE:COL (exit 2); an unreadable token is exit 2 too.
+    --online makes one cheap read per aid: a refused token is exit 2, an API that cannot
+    be reached exit 1.
+    """
     from scheduler.timing.planner import build_plan
     from scheduler.timing.triggers import build_trigger, describe
 
     config = state.load()
+    token = config_mod.load_token(config.api)
     now = clock.now()
     rows = []
     next_fires: dict[Any, datetime | None] = {}  # by schedule: big files repeat a few of them
@@ -97,13 +109,21 @@ def validate(state: State) -> None:
             }
         )
     click.echo(render.table(rows, ("job", "tests", "schedule", "next")))
-    for warning in build_plan(config, now).warnings:
+    for warning in checks.past_at_warnings(config, now) + build_plan(config, now).warnings:
         click.echo(f"warning: {warning}", err=True)
+    if online:
+        click.echo(checks.check_online(config, token), err=True)
 
 
 @cli.command()
-@click.option("--from", "start", metavar="T", help="Start (inclusive). Default: now.")
-@click.option("--until", metavar="T", help="End (exclusive). Default: 24 h after --from.")
+@click.option(
+    "--from", "start", metavar="T", help="Start (inclusive): ISO time, or a duration ahead of now."
+)
+@click.option(
+    "--until",
+    metavar="T",
+    help="End (exclusive): ISO time, or a duration ahead of --from. Default: 24h.",
+)
 @click.option("--count", type=click.IntRange(1, 1_000_000), help="Stop after N calls.")
 @click.option("--job", help="Only this job.")
 @click.option(
@@ -115,9 +135,14 @@ def plan(
 ) -> None:
     """Upcoming calls and whether they fit the API's rate limits.
 
+    Times are ISO-8601 (UTC unless an offset is given) or, as plan looks ahead, a duration
+    counted forward: --from 1h starts an hour from now, --until 2h ends two hours after
+    --from (or now). The peak and any warnings go to stderr, the table to stdout.
+
     \b
     Examples:
       te-scheduler plan --count 20
+      te-scheduler plan --until 2h
       te-scheduler plan --from 2026-10-24T22:00Z --until 2026-10-25T08:00Z \\
                         --job nightly-path-sweep
     """
@@ -127,8 +152,8 @@ def plan(
         raise UsageError("--until and --count are exclusive; give one")
     config = state.load()
     now = clock.now()
-    begin = time_option(start, now, "--from") if start else now
-    end = time_option(until, now, "--until") if until else None
+    begin = ahead_option(start, now, "--from") if start else now
+    end = ahead_option(until, begin, "--until") if until else None
     if job:
         require_job(config, job)
     result = build_plan(config, begin, until=end, count=count, job=job)
@@ -151,7 +176,8 @@ def plan(
     if peak:
         click.echo(
             f"peak: {peak} call(s) in one {format_rate(budget).split('/')[1]} window "
-            f"(from {render.cell(at)}); budget {format_rate(budget)}"
+            f"(from {render.cell(at)}); budget {format_rate(budget)}",
+            err=True,
         )
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
@@ -172,6 +198,12 @@ def trigger(state: State, job_name: str, test_id: str | None) -> None:
     state.logging()
     config = state.load()
     job = require_job(config, job_name)
+    if not job.enabled:  # asked for by name: run it, but a surprise must not pass unsaid
+        click.echo(
+            f"te-scheduler: note: job {job.name!r} is disabled (enabled: false); "
+            "running it anyway, as asked",
+            err=True,
+        )
     tests = job.tests
     if test_id:
         if test_id not in job.tests:
@@ -254,6 +286,10 @@ def history_cmd(
 
         rows = summarized(engine, rows)
     emit(rows, fmt, HISTORY_TABLE, HISTORY_COLUMNS)
+    if job is not None and not rows:
+        note = checks.unknown_job_note(state, engine, job)
+        if note:
+            click.echo(f"te-scheduler: note: {note}", err=True)
 
 
 @cli.command()
@@ -275,7 +311,13 @@ def stats(state: State, since: str, fmt: str) -> None:
     since_at = time_option(since, clock.now(), "--since")
     engine = state.engine()
     rows = history.stats(engine, since=since_at)
-    emit(rows, fmt, STATS_COLUMNS, STATS_COLUMNS)
+    # One set of columns for every format: the contract's, then any the store adds.
+    extra = [k for k in (rows[0] if rows else {}) if k not in STATS_COLUMNS]
+    columns = (*STATS_COLUMNS, *extra)
+    rows = render.with_columns(rows, columns)
+    if fmt != "json":  # table and CSV print numbers alike (JSON keeps them numbers)
+        rows = [{k: render.number(v) for k, v in row.items()} for row in rows]
+    emit(rows, fmt, columns, columns)
 
 
 STATUS_COLUMNS = (

@@ -24,6 +24,20 @@ def cell(value: Any) -> str:
     return str(value)
 
 
+def number(value: Any) -> Any:
+    """A float as short decimal text (``1``, ``0.6667``), the same in a table and in CSV;
+    anything else unchanged. Four places: a success rate to 0.01 %."""
+    if not isinstance(value, float):
+        return value
+    text = f"{value:.4f}".rstrip("0").rstrip(".")
+    return "0" if text in ("", "-0") else text
+
+
+def with_columns(rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> list[dict[str, Any]]:
+    """Each row with exactly ``columns`` as keys, in that order (missing ones None)."""
+    return [{c: row.get(c) for c in columns} for row in rows]
+
+
 def local_time(moment: datetime, zone: str) -> str:
     """``2026-11-27 08:00:00 CET``: a time as the people in ``zone`` read it."""
     return moment.astimezone(ZoneInfo(zone)).strftime("%Y-%m-%d %H:%M:%S %Z")
