@@ -42,9 +42,10 @@ from scheduler.notify import Notifier, sd_notify, watchdog_seconds
 from scheduler.observe import Observers
 from scheduler.outcomes import Trigger
 from scheduler.runner import Firing, build_runner, instance_name
-from scheduler.store import db, history, instances, recovery
+from scheduler.store import db, instances, recovery
 from scheduler.timing.catchup import CatchUp, plan_catch_up
 from scheduler.timing.triggers import SpreadTrigger, build_trigger, spread_offsets
+from scheduler.upkeep import HistoryUpkeep
 from scheduler.web.api import status_routes
 from scheduler.web.health import build_health
 from scheduler.web.server import MetricsServer
@@ -58,9 +59,6 @@ LOOP_SECONDS = 0.5
 # firing that had a thread; firings beyond this many wait in memory. Threads are reused and
 # a waiting one costs little; systemd's default TasksMax (4915) leaves room.
 FIRING_THREADS = 1024
-BACKLOG_RETRY_SECONDS = 2.0  # how often writes kept for the database are tried again
-SHUTDOWN_WRITE_PAUSES = (1.0, 2.0, 3.0, 4.0, 0.0)  # shutdown's clean-up retries
-SHUTDOWN_WRITE_SECONDS = 10.0  # ... for this long at most, so a stop ends within systemd's 90 s
 _NO_OFFSET = timedelta(0)
 LOG_EACH_JOB_UP_TO = 100  # start-up logs a line per job up to this many, then one summary
 
@@ -147,7 +145,6 @@ class Daemon:
         self._reload_requested = False
         self._file_state = _file_state(config.path)
         self._next_prune = clock.now()
-        self._pruner: threading.Thread | None = None
         self._next_sweep = clock.now()
         self._schedule_started: datetime | None = None
         # Catch-up firings wait here rather than each on a thread of its own: thousands of
@@ -155,9 +152,7 @@ class Daemon:
         self._catch_ups = DaemonThreadPool(max(1, config.api.concurrency), "catch-up")
         self._watchdog = watchdog_seconds()  # systemd's WatchdogSec=, halved; None when off
         self._jumps = clock.JumpWatch()
-        self._db_file = _sqlite_identity(engine)  # (device, inode) of a SQLite history file
-        self._store_lost: str | None = None  # why history cannot be kept: nothing is sent
-        self._flusher: threading.Thread | None = None
+        self.upkeep = HistoryUpkeep(engine, self.backlog, self.instance, self.stop)
         # results (SPEC 7): reads accepted runs' rounds back, from start() to shutdown().
         self.results = FollowupReader(
             engine,
@@ -215,8 +210,7 @@ class Daemon:
         self._schedule_started = clock.now()
         self.scheduler.start()  # after the adds: each add to a running scheduler wakes it
         self._catch_up(cut, accounted)
-        self._flusher = threading.Thread(target=self._flush_loop, name="backlog", daemon=True)
-        self._flusher.start()
+        self.upkeep.start()
         self.results.start()  # results: after the scheduler, so run calls come first
         self.metrics.track_next_fires(self._next_fires)
         self._log_schedule()
@@ -240,9 +234,7 @@ class Daemon:
         waited = 0.0
         while not self._force and waited < DRAIN_SECONDS and not self.runner.wait_idle(0.5):
             waited += 0.5
-        closed = self._close_history()
-        if self._pruner is not None:
-            self._pruner.join(5.0)  # it stops between batches once self.stop is set
+        closed = self.upkeep.close()
         self.results.join()  # results: ends between requests once self.stop is set
         self.heartbeat.stop()
         if closed:  # else the database did not answer: another wait would only delay the exit
@@ -252,63 +244,7 @@ class Daemon:
             self._metrics_server.stop()
         log.info("Stopped")
 
-    def _close_history(self) -> bool:
-        """Write what waits in the backlog, then end this instance's open rows; retried for
-        ``SHUTDOWN_WRITE_SECONDS`` when the database is away (one try may add SQLite's busy
-        timeout), then whatever could not be recorded is logged row by row. True when done."""
-        deadline = clock.monotonic() + SHUTDOWN_WRITE_SECONDS
-        for pause in SHUTDOWN_WRITE_PAUSES:
-            try:
-                if self.backlog.flush():
-                    marked = history.interrupt_pending(
-                        self.engine,
-                        where_instance=lambda owner: owner == self.instance,
-                        finished_at=clock.now(),
-                        error="te-scheduler stopped before the call finished",
-                    )
-                    if marked:
-                        log.warning("Ended %d unfinished attempt(s) at shutdown", marked)
-                    return True
-            except Exception as exc:  # the database is away: try again, then say what is lost
-                log.warning("History clean-up at shutdown failed (%s); retrying", exc)
-            left = deadline - clock.monotonic()
-            if left <= 0:
-                break
-            clock.wait(threading.Event(), min(pause, left))
-        for what in self.backlog.give_up():
-            log.error("Not recorded (the history database did not answer): %s", what)
-        log.error(
-            "Rows this instance left pending stay pending until the next start ends them; "
-            "the lines above say how each call ended"
-        )
-        return False
-
     # -- the main loop ----------------------------------------------------------------
-    def _flush_loop(self) -> None:
-        """Write the backlog out whenever the database answers again (its own thread: a
-        database that hangs must not hold the main loop and its signals)."""
-        while not self.stop.is_set():
-            # Real time, not the clock seam: a retry interval, not a schedule.
-            self.stop.wait(BACKLOG_RETRY_SECONDS)
-            if len(self.backlog) and not self.stop.is_set():
-                self.backlog.flush()
-
-    def _check_store(self) -> None:
-        """Stop firing when the SQLite file was deleted or replaced under the daemon: its
-        connections would go on writing into a file nobody can read."""
-        if self._db_file is None or self._store_lost is not None:
-            return
-        current = _sqlite_identity(self.engine)
-        if current == self._db_file:
-            return
-        path = self.engine.url.database
-        what = "was deleted" if current is None else "was replaced by another file"
-        self._store_lost = f"the history file {path} {what}; restart te-scheduler to use it"
-        log.error("History: %s. No call is sent until then.", self._store_lost)
-        self.runner.halt(self._store_lost)
-        if self.scheduler.running:
-            self.scheduler.pause()
-
     def _tick(self) -> None:
         if self._watchdog and clock.monotonic() >= self._next_watchdog:
             # From the main loop, so a loop stuck in a reload or a lock stops the pings.
@@ -317,7 +253,11 @@ class Daemon:
         jump = self._jumps.check()
         if jump is not None:
             self._on_clock_jump(jump)
-        self._check_store()
+        lost = self.upkeep.check_file()
+        if lost is not None:
+            self.runner.halt(lost)
+            if self.scheduler.running:
+                self.scheduler.pause()
         if self._reload_requested:
             self._reload_requested = False
             self.reload("SIGHUP")
@@ -337,7 +277,8 @@ class Daemon:
                 stale_after=instances.stale_after(),
             )
         if self.config.history.retention and now >= self._next_prune:
-            self._prune(now)
+            self._next_prune = now + timedelta(days=1)
+            self.upkeep.prune(now, self.config.history.retention)
 
     def reload(self, why: str) -> bool:
         """Re-read the config; on error keep the running schedule. True when applied."""
@@ -678,7 +619,7 @@ class Daemon:
         health = build_health(
             lambda: self.scheduler.running and not self.stop.is_set(),
             self.engine,
-            history=lambda: self._store_lost or self.backlog.problem(),
+            history=self.upkeep.problem,
         )
         # The status page reads the live config (reloads show) and the limiter's own view.
         pages = status_routes(self.engine, lambda: self.config, self.limiter.snapshot)
@@ -692,27 +633,6 @@ class Daemon:
         if self.engine.dialect.name == "sqlite":
             return None
         return instances.SharedLimits(self.engine, self._connection[1], self.instance)
-
-    def _prune(self, now: datetime) -> None:
-        """Start the daily prune on its own thread; the main loop must stay free for signals
-        and reloads while a big first prune (paced to leave the writer lock free) runs."""
-        retention = self.config.history.retention
-        assert retention is not None
-        self._next_prune = now + timedelta(days=1)
-        if self._pruner is not None and self._pruner.is_alive():
-            return  # yesterday's is still going
-        self._pruner = threading.Thread(
-            target=self._prune_now, args=(now, retention), name="prune", daemon=True
-        )
-        self._pruner.start()
-
-    def _prune_now(self, now: datetime, retention: timedelta) -> None:
-        deleted = self._quietly(history.prune, self.engine, before=now - retention, stop=self.stop)
-        self._quietly(
-            instances.forget_instances, self.engine, now - max(retention, timedelta(days=7))
-        )
-        if deleted:
-            log.info("Pruned %d history row(s) older than %s", deleted, retention)
 
     def _quietly(self, action: Any, *args: Any, **kwargs: Any) -> Any:
         """Housekeeping: log a failure, never let it stop the daemon."""
@@ -787,18 +707,6 @@ def _file_state(path: Path) -> tuple[Any, ...]:
 def _trigger_of(schedule: Schedule) -> BaseTrigger:
     """The trigger of ``schedule``, built once: the deadline of every firing needs one."""
     return build_trigger(schedule)
-
-
-def _sqlite_identity(engine: Engine) -> tuple[int, int] | None:
-    """(device, inode) of a SQLite history file; None for other databases or no file."""
-    path = engine.url.database if engine.dialect.name == "sqlite" else None
-    if not path or path == ":memory:" or engine.url.query.get("uri"):
-        return None
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return None
-    return (stat.st_dev, stat.st_ino)
 
 
 def connection_of(config: Config, simulated: tuple[str, str] | None) -> tuple[ApiConfig, str]:
