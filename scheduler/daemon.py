@@ -15,8 +15,6 @@ import os
 import signal
 import threading
 from collections import Counter
-from collections.abc import Mapping
-from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -30,20 +28,19 @@ from sqlalchemy.engine import Engine
 from scheduler import __version__, clock
 from scheduler.api.results import ResultsReader
 from scheduler.backlog import Backlog
-from scheduler.clock import ONE_US
 from scheduler.config.loader import load, load_token
 from scheduler.config.model import ApiConfig, Config, Job, Schedule
 from scheduler.errors import ConfigError, ExitStatus, SchedulerError
-from scheduler.executor import DaemonThreadPool, build_scheduler
+from scheduler.executor import build_scheduler
 from scheduler.followup import FollowupReader, ResultMetrics
 from scheduler.logs import add_secret
 from scheduler.metrics import Metrics
 from scheduler.notify import Notifier, sd_notify, watchdog_seconds
 from scheduler.observe import Observers
 from scheduler.outcomes import Trigger
+from scheduler.restart import CatchUps
 from scheduler.runner import Firing, build_runner, instance_name
 from scheduler.store import db, instances, recovery
-from scheduler.timing.catchup import CatchUp, plan_catch_up
 from scheduler.timing.triggers import SpreadTrigger, build_trigger, spread_offsets
 from scheduler.upkeep import HistoryUpkeep
 from scheduler.web.api import status_routes
@@ -147,9 +144,9 @@ class Daemon:
         self._next_prune = clock.now()
         self._next_sweep = clock.now()
         self._schedule_started: datetime | None = None
-        # Catch-up firings wait here rather than each on a thread of its own: thousands of
-        # jobs back from downtime would need thousands of threads (systemd's TasksMax).
-        self._catch_ups = DaemonThreadPool(max(1, config.api.concurrency), "catch-up")
+        self._catch_ups = CatchUps(
+            self.runner.fire, self._record_missed, self._deadline, config.api.concurrency
+        )
         self._watchdog = watchdog_seconds()  # systemd's WatchdogSec=, halved; None when off
         self._jumps = clock.JumpWatch()
         self.upkeep = HistoryUpkeep(engine, self.backlog, self.instance, self.stop)
@@ -209,7 +206,7 @@ class Daemon:
         self._apply(entries_of(self.config), since=cut)
         self._schedule_started = clock.now()
         self.scheduler.start()  # after the adds: each add to a running scheduler wakes it
-        self._catch_up(cut, accounted)
+        self._catch_ups.start(self.config.enabled_jobs, cut, accounted)
         self.upkeep.start()
         self.results.start()  # results: after the scheduler, so run calls come first
         self.metrics.track_next_fires(self._next_fires)
@@ -228,7 +225,7 @@ class Daemon:
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
         # Catch-ups still queued are recorded missed (see _catch_up_done).
-        self._catch_ups.shutdown(wait=False, cancel_futures=True)
+        self._catch_ups.shutdown()
         self.stop.set()
         self.limiter.wake()
         waited = 0.0
@@ -465,77 +462,6 @@ class Daemon:
         next_fire: datetime | None = _trigger_of(job.schedule).get_next_fire_time(slot, slot)
         return next_fire
 
-    def _catch_up(
-        self, now: datetime, accounted: Mapping[tuple[str, str], recovery.Accounted]
-    ) -> None:
-        """Run or give up on the slots before ``now``, test by test (recovery.last_accounted)."""
-        for job in self.config.enabled_jobs:
-            known = [
-                accounted[(job.name, t)].until for t in job.tests if (job.name, t) in accounted
-            ]
-            if not known:
-                continue  # the job never fired: nothing to catch up
-            for test in job.tests:
-                found = accounted.get((job.name, test))
-                # A test without a row in a job that fired owes the job's latest slot: its
-                # firing never began (the process died while it waited for a thread).
-                last = found.until if found else max(known) - ONE_US
-                verdict = plan_catch_up(job.schedule, last, now, job.catch_up)
-                self._catch_up_test(job, test, verdict, found, now)
-
-    def _catch_up_test(
-        self,
-        job: Job,
-        test: str,
-        verdict: CatchUp,
-        found: recovery.Accounted | None,
-        now: datetime,
-    ) -> None:
-        if verdict.missed_count:
-            assert verdict.missed_first and verdict.missed_last
-            self._record_missed(
-                job,
-                test,
-                verdict.missed_first,
-                verdict.missed_last,
-                verdict.missed_count,
-                "te-scheduler was not running",
-                verdict.counted_all,
-            )
-        slot, attempt = verdict.run, 1
-        if slot is None and found and found.unsent and not verdict.missed_count:
-            if now - found.unsent <= job.catch_up:
-                # Its call never left before the stop: run it now, after its missed row.
-                slot, attempt = found.unsent, 2
-        if slot is None:
-            return
-        log.info(
-            'Catching up job "%s" test %s for the slot at %s', job.name, test, slot.isoformat()
-        )
-        deadline = self._deadline(job, slot)
-        firing = Firing(
-            job, test, slot, Trigger.CATCH_UP, deadline, _NO_OFFSET, first_attempt=attempt
-        )
-        future = self._catch_ups.submit(self.runner.fire, firing)
-        future.add_done_callback(functools.partial(self._catch_up_done, firing=firing))
-
-    def _catch_up_done(self, future: Future[Any], firing: Firing) -> None:
-        if future.cancelled():
-            # Still queued at shutdown: say so, or the next start (whose history already has
-            # later slots of this job) would never account for it.
-            self._quietly(
-                self._record_missed,
-                firing.job,
-                firing.test_id,
-                firing.scheduled_for,
-                firing.scheduled_for,
-                1,
-                "te-scheduler stopped before its catch-up ran",
-                never_sent=True,
-            )
-        else:
-            _log_failure(future)
-
     def _record_missed(
         self,
         job: Job,
@@ -686,12 +612,6 @@ class _Triggers:
                 first["next_run_time"] = trigger.get_next_fire_time(None, self.since)
             found = self._spread[entry.timing] = (trigger, first)
         return found
-
-
-def _log_failure(future: Future[Any]) -> None:
-    """A catch-up firing raised (the runner turns failures into outcomes, so: a bug)."""
-    if not future.cancelled() and future.exception() is not None:
-        log.error("Catch-up firing failed unexpectedly: %r", future.exception())
 
 
 def _file_state(path: Path) -> tuple[Any, ...]:
