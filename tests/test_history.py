@@ -595,3 +595,29 @@ def test_stats_in_sql_agree_with_counting_firing_by_firing(engine: sa.Engine, se
     expected = _reference_stats(history.query(engine, since=since, limit=0))
     got = {(s.pop("job"), s.pop("test_id")): s for s in history.stats(engine, since=since)}
     assert got == expected
+
+
+def test_recovery_ends_queued_rows_missed_and_names_only_the_owners(
+    engine: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A dead process left two rows: one whose call had left (may have reached the API) and
+    # one still queued for the rate limiter (never sent). The new instance left none.
+    sent = history.start_attempt(engine, key("r1", instance="gone-host:1"), T0)
+    queued = history.start_attempt(
+        engine, key("r2", test_id="106", instance="gone-host:1"), T0, queued=True
+    )
+    with caplog.at_level(logging.WARNING, logger="scheduler.store.recovery"):
+        ended = recovery.interrupt_orphans(
+            engine,
+            me="new-host:2",
+            now=T0 + timedelta(hours=3),
+            timeout=30,
+            starting=True,
+        )
+    assert ended == 2
+    by_id = {r["id"]: r for r in history.query(engine, limit=0)}
+    assert by_id[sent]["outcome"] == "interrupted"
+    assert by_id[queued]["outcome"] == "missed"
+    assert by_id[queued]["error"].startswith("never sent: ")
+    [line] = [r.getMessage() for r in caplog.records if "left pending by" in r.getMessage()]
+    assert "gone-host:1" in line and "new-host:2" not in line

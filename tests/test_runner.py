@@ -188,3 +188,41 @@ def test_a_timeout_is_recorded_and_retried(runner, engine, simulator):
     assert fire(runner) == "success"
     assert [r["outcome"] for r in rows(engine)] == ["timeout", "success"]
     assert rows(engine)[0]["status_code"] is None
+
+
+def test_a_call_whose_wait_outlasts_its_deadline_is_missed_not_sent_late(
+    engine, simulator, fake_clock
+):
+    # A 429 without headers pauses the token for 60 s. A test of an `every: 5s` job queued
+    # behind it would go out twelve slots late; it must be recorded missed instead.
+    stop = threading.Event()
+    caller = Caller(ApiConfig(base_url=simulator.url), TOKEN)
+    run = Runner(engine, caller.send, Limiter(Rate(24, 60.0), stop), stop)
+    simulator.add_rule("105", 429, "", times=None)
+    job = make_job(tests=("105", "106"), retry=RetryPolicy(attempts=1))
+    slot = fake_clock.now()
+    assert run.fire(Firing(job, "105", slot, deadline=slot + timedelta(seconds=5))) == (
+        "rate_limited"
+    )
+    late = Firing(job, "106", slot, deadline=slot + timedelta(seconds=5))
+    assert run.fire(late) == "missed"
+    assert simulator.counts().get("106") is None  # never sent
+    row = rows(engine)[-1]
+    assert (row["test_id"], row["outcome"]) == ("106", "missed")
+    assert row["error"].startswith("never sent: its deadline")
+    caller.close()
+
+
+def test_started_at_is_when_the_call_left_not_when_it_began_to_wait(engine, simulator, fake_clock):
+    stop = threading.Event()
+    caller = Caller(ApiConfig(base_url=simulator.url), TOKEN)
+    run = Runner(engine, caller.send, Limiter(Rate(24, 60.0), stop), stop)
+    simulator.add_rule("105", 429, "", times=1)
+    job = make_job(tests=("105", "106"), retry=RetryPolicy(attempts=1))
+    slot = fake_clock.now()
+    run.fire(Firing(job, "105", slot))  # pauses the token for 60 s
+    assert run.fire(Firing(job, "106", slot)) == "success"  # its deadline is an hour away
+    row = rows(engine)[-1]
+    assert row["test_id"] == "106" and row["error"] is None
+    assert row["started_at"] >= slot + timedelta(seconds=60)  # after the pause, not at the slot
+    caller.close()
