@@ -15,3 +15,4 @@ Usage::
 """
 
 __version__ = "0.1.0"
+USER_AGENT = f"te-scheduler/{__version__}"  # on every request we send

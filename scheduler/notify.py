@@ -35,7 +35,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from scheduler import __version__
+from scheduler import USER_AGENT
 from scheduler.config.model import NotifyConfig
 
 if TYPE_CHECKING:  # requests costs ~100 ms to import; config loading must not pay it
@@ -47,7 +47,6 @@ NEUTRAL = frozenset({"skipped", "claimed-elsewhere"})
 RESULTS = "results"  # the third part of a results streak's key: (job, test, "results")
 ERROR_CAP = 300  # characters of ``last_error`` in a message
 QUEUE_SIZE = 1000  # sends waiting at most; beyond that new ones are dropped (and logged)
-USER_AGENT = f"te-scheduler/{__version__}"
 READ_CAP = 4096  # bytes of an answer read at most (to let a small one keep its connection)
 DEADLINE_MARGIN = 0.5  # seconds past a send's timeout before the watchdog cuts it off
 

@@ -39,14 +39,13 @@ from urllib.parse import quote, urlencode
 
 import requests
 
-from scheduler import __version__, clock
+from scheduler import USER_AGENT, clock
 from scheduler.api.deadline import WATCHDOG, mount_watched
 from scheduler.config.model import ApiConfig
 from scheduler.logs import printable, secrets_pattern
 
 log = logging.getLogger(__name__)
 
-USER_AGENT = f"te-scheduler/{__version__}"
 BODY_CAP = 64 * 1024  # bytes of a response body we read at most; the rest is never downloaded
 TEXT_CAP = 200  # characters of a non-JSON body kept in ``error``
 ERROR_CAP = 300  # characters of ``error`` at most

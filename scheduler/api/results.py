@@ -23,7 +23,7 @@ from urllib.parse import parse_qs, quote, urlencode, urlsplit
 import requests
 
 from scheduler import clock
-from scheduler.api.client import RateLimitBucket, build_session, parse_buckets
+from scheduler.api.client import ERROR_CAP, RateLimitBucket, build_session, parse_buckets
 from scheduler.config.model import ApiConfig
 from scheduler.logs import secrets_pattern
 
@@ -33,7 +33,6 @@ BODY_CAP = 4 * 1024 * 1024  # bytes of one page at most; a bigger answer is a fa
 MAX_PAGES = 50  # pages of one read at most (a round of 100 agents is a few pages)
 READ_BOUND_FACTOR = 4  # a whole read (all pages) ends after this many request timeouts
 DATA_CAP = 16 * 1024  # characters of one result's JSON kept
-ERROR_CAP = 300
 
 # SPEC 7: the type picks the endpoint.
 _ENDPOINT_OF = {"agent-to-server": "network", "agent-to-agent": "network", "voice": "rtp-server"}
