@@ -60,6 +60,9 @@ STATS_COLUMNS = (
     "p95_ms",
     "rate_limited",
     "retries",
+    "agents_ok_rate",
+    "latency_p50_ms",
+    "latency_p95_ms",
     "last_error",
 )
 
