@@ -525,7 +525,7 @@ def test_prune_stops_between_batches_when_asked(engine: sa.Engine) -> None:
     assert len(history.query(engine, limit=0)) == 30
 
 
-def _reference_stats(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+def reference_stats(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
     """The stats of SPEC's definitions, the slow obvious way: firing by firing (run_id)."""
     result = {}
     for pair in sorted({(r["job"], r["test_id"]) for r in rows}):
@@ -564,9 +564,8 @@ def _reference_stats(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[s
     return result
 
 
-@pytest.mark.parametrize("seed", range(12))
-def test_stats_in_sql_agree_with_counting_firing_by_firing(engine: sa.Engine, seed: int) -> None:
-    rng = random.Random(seed)
+def fill_random_history(engine: sa.Engine, rng: random.Random) -> None:
+    """Firings of tests a/1..b/3 a minute apart: retries, pending, failed and skipped ones."""
     for n in range(rng.randint(1, 60)):
         job, test = rng.choice(["a", "b"]), rng.choice(["1", "2", "3"])
         slot = T0 + timedelta(minutes=n)
@@ -589,7 +588,13 @@ def test_stats_in_sql_agree_with_counting_firing_by_firing(engine: sa.Engine, se
                 ms=rng.choice([None, rng.randint(1, 40)]),
                 error=f"e{n}.{attempt}",
             )
-    expected = _reference_stats(history.query(engine, limit=0))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_stats_in_sql_agree_with_counting_firing_by_firing(engine: sa.Engine, seed: int) -> None:
+    rng = random.Random(seed)
+    fill_random_history(engine, rng)
+    expected = reference_stats(history.query(engine, limit=0))
     got = {(s.pop("job"), s.pop("test_id")): s for s in history.stats(engine)}
     assert got == expected
     # A window that cuts a firing between its attempts counts what is inside it.
@@ -601,12 +606,12 @@ def test_stats_in_sql_agree_with_counting_firing_by_firing(engine: sa.Engine, se
         if r["attempt"] > 1 and started[(r["run_id"], r["attempt"] - 1)] < r["started_at"]
     ]
     since = rng.choice(cuts) if cuts else T0 + timedelta(minutes=rng.randint(0, 30))
-    expected = _reference_stats(history.query(engine, since=since, limit=0))
+    expected = reference_stats(history.query(engine, since=since, limit=0))
     got = {(s.pop("job"), s.pop("test_id")): s for s in history.stats(engine, since=since)}
     assert got == expected
 
 
-def _accepted_run_with_results(
+def accepted_run_with_results(
     engine: sa.Engine, run: str, at: datetime, agents: list[tuple[bool, float | None]], **key_: Any
 ) -> None:
     """An accepted run at ``at`` and its round (starting 5 s before it) of ``agents`` rows."""
@@ -625,11 +630,11 @@ def _accepted_run_with_results(
 
 def test_stats_results_columns_cover_the_window_accepted_runs(engine: sa.Engine) -> None:
     h = timedelta(hours=1)
-    _accepted_run_with_results(engine, "old", T0, [(True, 10.0), (True, 20.0)])
+    accepted_run_with_results(engine, "old", T0, [(True, 10.0), (True, 20.0)])
     # The round of the run at the window's start began 5 s before it: it counts.
-    _accepted_run_with_results(engine, "b", T0 + h, [(True, 30.0), (False, None), (True, 50.0)])
-    _accepted_run_with_results(engine, "c", T0 + 2 * h, [(True, 40.0), (False, 90.0)])
-    _accepted_run_with_results(engine, "w", T0 + 2 * h, [(True, 7.5)], job="web", test_id="1")
+    accepted_run_with_results(engine, "b", T0 + h, [(True, 30.0), (False, None), (True, 50.0)])
+    accepted_run_with_results(engine, "c", T0 + 2 * h, [(True, 40.0), (False, 90.0)])
+    accepted_run_with_results(engine, "w", T0 + 2 * h, [(True, 7.5)], job="web", test_id="1")
     add(engine, key("m", test_id="106"), T0 + 2 * h, "success", status=201, ms=5)
 
     def columns(since: datetime | None) -> dict[str, tuple[Any, ...]]:
@@ -650,7 +655,7 @@ def test_stats_results_columns_cover_the_window_accepted_runs(engine: sa.Engine)
 def test_stats_command_prints_the_results_columns_in_every_format(
     engine: sa.Engine, db_file: Path, tmp_path: Path
 ) -> None:
-    _accepted_run_with_results(engine, "b", T0, [(True, 30.0), (False, 90.0)])
+    accepted_run_with_results(engine, "b", T0, [(True, 30.0), (False, 90.0)])
     url = f"sqlite:///{db_file}"
     args = ("--db", url, "stats", "--since", T0.isoformat(), "--format")
     [row] = json.loads(run_cli(*args, "json", cwd=tmp_path).stdout)
