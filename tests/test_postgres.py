@@ -408,3 +408,36 @@ def test_stats_results_columns_on_postgres(pg: sa.Engine) -> None:
     accepted_run_with_results(pg, "c", T0 + 2 * h, [(True, 40.0), (False, 90.0)])
     [row] = history.stats(pg, since=T0 + h)
     assert (row["agents_ok_rate"], row["latency_p50_ms"], row["latency_p95_ms"]) == (0.6, 40, 90)
+
+
+def test_stats_percentiles_on_postgres_whatever_order_it_groups_in(
+    pg: sa.Engine, postgres_url: str
+) -> None:
+    durations = random.Random(7).sample(range(1, 2000), 300)
+    with pg.begin() as conn:  # one statement: 300 rows of one test, durations shuffled
+        conn.execute(
+            sa.insert(attempts),
+            [
+                {
+                    "run_id": f"r{n}",
+                    "job": "dns",
+                    "test_id": "105",
+                    "trigger": "schedule",
+                    "scheduled_for": T0 + timedelta(minutes=n),
+                    "attempt": 1,
+                    "started_at": T0 + timedelta(minutes=n),
+                    "outcome": "success",
+                    "duration_ms": ms,
+                    "instance": "host-a:100",
+                }
+                for n, ms in enumerate(durations)
+            ],
+        )
+    # Sorting off: the planner groups by hashing, in no order, unless the query asks for one.
+    hashing = db.make_engine(postgres_url + "?options=-c%20enable_sort%3Doff")
+    try:
+        [row] = history.stats(hashing)
+    finally:
+        hashing.dispose()
+    ordered = sorted(durations)
+    assert (row["p50_ms"], row["p95_ms"]) == (ordered[149], ordered[284])

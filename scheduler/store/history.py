@@ -3,7 +3,9 @@ tables are in scheduler.store.tables, the other tables' queries in scheduler.sto
 
 from __future__ import annotations
 
+import bisect
 import functools
+import itertools
 import logging
 import threading
 import time
@@ -262,7 +264,7 @@ def _pair_stats(
     """The summary of one test's window (``pending`` rows in it), None when it has none."""
     windowed = since is not None
     params = {"job": job, "test_id": test_id} | ({"since": since} if windowed else {})
-    durations = [tuple(row) for row in conn.execute(_window_durations(windowed), params)]
+    durations = conn.execute(_window_durations(windowed), params).all()  # not row by row
     total = sum(count for _, count in durations)
     if not total:
         return None
@@ -273,7 +275,7 @@ def _pair_stats(
     last_failed = (
         conn.execute(_last_failure(windowed), params).first() if final_failures > 0 else None
     )
-    ordered = [(ms, count) for ms, count in durations if ms is not None]
+    p50, p95 = _percentiles([row for row in durations if row[0] is not None], (50, 95))
     return {
         "job": job,
         "test_id": test_id,
@@ -286,8 +288,8 @@ def _pair_stats(
         "last_error": last_failed.error if last_failed else None,
         "rate_limited": unusual.rate_limited or 0,
         "retries": unusual.retries or 0,
-        "p50_ms": _percentile(ordered, 50),
-        "p95_ms": _percentile(ordered, 95),
+        "p50_ms": p50,
+        "p95_ms": p95,
     }
 
 
@@ -313,6 +315,7 @@ def _window_durations(windowed: bool) -> Any:
         sa.select(c.duration_ms, sa.func.count())
         .where(*_in_window(windowed))
         .group_by(c.duration_ms)
+        .order_by(c.duration_ms)  # what SQLite's grouping gives anyway; PostgreSQL may hash
     )
 
 
@@ -382,10 +385,11 @@ def _results_stats(
     for pair, groups in found.items():
         agents = sum(count for _, count, _ in groups)
         latencies = sorted((ms, count) for ms, count, _ in groups if ms is not None)
+        p50, p95 = _percentiles(latencies, (50, 95))
         summaries[pair] = {
             "agents_ok_rate": sum(oks for _, _, oks in groups) / agents,
-            "latency_p50_ms": _percentile(latencies, 50),
-            "latency_p95_ms": _percentile(latencies, 95),
+            "latency_p50_ms": p50,
+            "latency_p95_ms": p95,
         }
     return summaries
 
@@ -501,18 +505,17 @@ class _PrunePace:
             time.sleep(min(max(seconds, PRUNE_MIN_PAUSE), PRUNE_MAX_PAUSE))
 
 
-def _percentile(histogram: Sequence[tuple[Any, int]], percent: int) -> Any:
-    """Nearest-rank percentile of (value, count) pairs in ascending value order."""
-    total = sum(count for _, count in histogram)
-    if not total:
-        return None
-    rank = max(-(-percent * total // 100), 1)  # ceil without float rounding
-    seen = 0
-    for value, count in histogram:
-        seen += count
-        if seen >= rank:
-            return value
-    return histogram[-1][0]  # pragma: no cover - the counts always reach the rank
+def _percentiles(histogram: Sequence[Sequence[Any]], percents: Sequence[int]) -> list[Any]:
+    """Nearest-rank percentiles of (value, count) pairs in ascending value order."""
+    cumulative = list(itertools.accumulate(row[1] for row in histogram))
+    if not cumulative or not cumulative[-1]:
+        return [None for _ in percents]
+    total = cumulative[-1]
+    # The first value whose running count reaches the rank (ceil without float rounding).
+    return [
+        histogram[bisect.bisect_left(cumulative, max(-(-percent * total // 100), 1))][0]
+        for percent in percents
+    ]
 
 
 def _insert_unless_taken(engine: Engine, values: dict[str, Any]) -> int | None:
