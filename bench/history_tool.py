@@ -2,9 +2,10 @@
 
 * ``generate --rows N``: fill a migrated SQLite file with N attempt rows over the last 90 days
   (500 job/test pairs, 100 jobs; 96% success, 2% 500, 2% 429), in one transaction with
-  ``synchronous=OFF``, the four secondary indexes dropped during the insert and rebuilt after
-  (the schema ends as Alembic made it);
-* ``query``, ``stats``, ``prune``: time te-scheduler's own ``history.query``/``stats``/``prune``;
+  ``synchronous=OFF``, the secondary indexes (``stats``'s two of migration 0004 among them)
+  dropped during the insert and rebuilt after (the schema ends as Alembic made it);
+* ``query``, ``stats``, ``prune``: time te-scheduler's own ``history.query``/``stats``/``prune``
+  (``stats`` as `te-scheduler stats --since 30d`: a third of the rows in its window);
 * ``insert --rate R``: the daemon's writes (``start_attempt`` then ``finish_attempt``) at R a
   second until SIGTERM, each pair's latency recorded.
 

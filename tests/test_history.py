@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import sqlite3
@@ -16,14 +17,18 @@ import pytest
 import sqlalchemy as sa
 
 from scheduler.store import db, history, recovery, tables
+from scheduler.store import results as results_store
 from scheduler.store.history import AttemptKey
-from tests.conftest import T0, key
+from tests.conftest import T0, key, run_cli
 
 COLUMNS = [
     "id", "run_id", "job", "test_id", "aid", "trigger", "scheduled_for", "attempt",
     "started_at", "finished_at", "status_code", "outcome", "error", "duration_ms", "instance",
     "results",
 ]  # fmt: skip
+
+
+NO_RESULTS = {"agents_ok_rate": None, "latency_p50_ms": None, "latency_p95_ms": None}
 
 
 @pytest.fixture
@@ -336,6 +341,7 @@ def test_stats_numbers_on_a_known_history(engine: sa.Engine) -> None:
             "retries": 3,
             "p50_ms": 100,
             "p95_ms": 30000,
+            **NO_RESULTS,
         },
         {
             "job": "dns",
@@ -351,6 +357,7 @@ def test_stats_numbers_on_a_known_history(engine: sa.Engine) -> None:
             "retries": 0,
             "p50_ms": 10,
             "p95_ms": 10,
+            **NO_RESULTS,
         },
         {
             "job": "web",
@@ -366,6 +373,7 @@ def test_stats_numbers_on_a_known_history(engine: sa.Engine) -> None:
             "retries": 0,
             "p50_ms": None,
             "p95_ms": None,
+            **NO_RESULTS,
         },
     ]
     [recent] = [r for r in history.stats(engine, since=T0 + 2 * h) if r["test_id"] == "105"]
@@ -517,7 +525,7 @@ def test_prune_stops_between_batches_when_asked(engine: sa.Engine) -> None:
     assert len(history.query(engine, limit=0)) == 30
 
 
-def _reference_stats(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+def reference_stats(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
     """The stats of SPEC's definitions, the slow obvious way: firing by firing (run_id)."""
     result = {}
     for pair in sorted({(r["job"], r["test_id"]) for r in rows}):
@@ -551,13 +559,13 @@ def _reference_stats(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[s
             "retries": sum(r["attempt"] > 1 for r in mine),
             "p50_ms": pct(50),
             "p95_ms": pct(95),
+            **NO_RESULTS,  # the randomized histories have no results rows
         }
     return result
 
 
-@pytest.mark.parametrize("seed", range(12))
-def test_stats_in_sql_agree_with_counting_firing_by_firing(engine: sa.Engine, seed: int) -> None:
-    rng = random.Random(seed)
+def fill_random_history(engine: sa.Engine, rng: random.Random) -> None:
+    """Firings of tests a/1..b/3 a minute apart: retries, pending, failed and skipped ones."""
     for n in range(rng.randint(1, 60)):
         job, test = rng.choice(["a", "b"]), rng.choice(["1", "2", "3"])
         slot = T0 + timedelta(minutes=n)
@@ -580,7 +588,13 @@ def test_stats_in_sql_agree_with_counting_firing_by_firing(engine: sa.Engine, se
                 ms=rng.choice([None, rng.randint(1, 40)]),
                 error=f"e{n}.{attempt}",
             )
-    expected = _reference_stats(history.query(engine, limit=0))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_stats_in_sql_agree_with_counting_firing_by_firing(engine: sa.Engine, seed: int) -> None:
+    rng = random.Random(seed)
+    fill_random_history(engine, rng)
+    expected = reference_stats(history.query(engine, limit=0))
     got = {(s.pop("job"), s.pop("test_id")): s for s in history.stats(engine)}
     assert got == expected
     # A window that cuts a firing between its attempts counts what is inside it.
@@ -592,7 +606,7 @@ def test_stats_in_sql_agree_with_counting_firing_by_firing(engine: sa.Engine, se
         if r["attempt"] > 1 and started[(r["run_id"], r["attempt"] - 1)] < r["started_at"]
     ]
     since = rng.choice(cuts) if cuts else T0 + timedelta(minutes=rng.randint(0, 30))
-    expected = _reference_stats(history.query(engine, since=since, limit=0))
+    expected = reference_stats(history.query(engine, since=since, limit=0))
     got = {(s.pop("job"), s.pop("test_id")): s for s in history.stats(engine, since=since)}
     assert got == expected
 
@@ -621,3 +635,65 @@ def test_recovery_ends_queued_rows_missed_and_names_only_the_owners(
     assert by_id[queued]["error"].startswith("never sent: ")
     [line] = [r.getMessage() for r in caplog.records if "left pending by" in r.getMessage()]
     assert "gone-host:1" in line and "new-host:2" not in line
+
+
+def accepted_run_with_results(
+    engine: sa.Engine, run: str, at: datetime, agents: list[tuple[bool, float | None]], **key_: Any
+) -> None:
+    """An accepted run at ``at`` and its round (starting 5 s before it) of ``agents`` rows."""
+    attempt_id = add(engine, key(run, scheduled_for=at, **key_), at, "success", status=201, ms=5)
+    item = results_store.Followup(
+        attempt_id, key_.get("job", "dns"), key_.get("test_id", "105"), None, "host-a:100", at
+    )
+    rows = [
+        results_store.AgentRow(
+            int(at.timestamp()) - 5, f"agent-{n}", None, at, ok, None, None, ms, None, None, None
+        )
+        for n, (ok, ms) in enumerate(agents)
+    ]
+    results_store.store_round(engine, item, "http-server", rows)
+
+
+def test_stats_results_columns_cover_the_window_accepted_runs(engine: sa.Engine) -> None:
+    h = timedelta(hours=1)
+    accepted_run_with_results(engine, "old", T0, [(True, 10.0), (True, 20.0)])
+    # The round of the run at the window's start began 5 s before it: it counts.
+    accepted_run_with_results(engine, "b", T0 + h, [(True, 30.0), (False, None), (True, 50.0)])
+    accepted_run_with_results(engine, "c", T0 + 2 * h, [(True, 40.0), (False, 90.0)])
+    accepted_run_with_results(engine, "w", T0 + 2 * h, [(True, 7.5)], job="web", test_id="1")
+    add(engine, key("m", test_id="106"), T0 + 2 * h, "success", status=201, ms=5)
+
+    def columns(since: datetime | None) -> dict[str, tuple[Any, ...]]:
+        return {
+            s["test_id"]: (s["agents_ok_rate"], s["latency_p50_ms"], s["latency_p95_ms"])
+            for s in history.stats(engine, since=since)
+        }
+
+    assert columns(T0 + h) == {
+        "105": (3 / 5, 40.0, 90.0),  # latencies 30 40 50 90; the failed agent's is unknown
+        "106": (None, None, None),  # no results read
+        "1": (1.0, 7.5, 7.5),
+    }
+    assert columns(None)["105"] == (5 / 7, 30.0, 90.0)  # 10 20 30 40 50 90
+    assert columns(T0 + 3 * h) == {}
+
+
+def test_stats_command_prints_the_results_columns_in_every_format(
+    engine: sa.Engine, db_file: Path, tmp_path: Path
+) -> None:
+    accepted_run_with_results(engine, "b", T0, [(True, 30.0), (False, 90.0)])
+    url = f"sqlite:///{db_file}"
+    args = ("--db", url, "stats", "--since", T0.isoformat(), "--format")
+    [row] = json.loads(run_cli(*args, "json", cwd=tmp_path).stdout)
+    assert (row["agents_ok_rate"], row["latency_p50_ms"], row["latency_p95_ms"]) == (0.5, 30, 90)
+    header, line = run_cli(*args, "csv", cwd=tmp_path).stdout.splitlines()
+    csv_row = dict(zip(header.split(","), line.split(","), strict=True))
+    assert (csv_row["agents_ok_rate"], csv_row["latency_p50_ms"]) == ("0.5", "30.0")
+    table = run_cli(*args, "table", cwd=tmp_path).stdout.splitlines()
+    assert table[0].split()[-4:] == [
+        "agents_ok_rate",
+        "latency_p50_ms",
+        "latency_p95_ms",
+        "last_error",
+    ]
+    assert table[1].split()[-4:] == ["0.5", "30", "90", "-"]

@@ -52,7 +52,7 @@ def test_upgrade_empty_database_to_head_without_drift(empty: sa.Engine) -> None:
     assert db.current(empty) is None
     assert not db.is_at_head(empty)
     db.upgrade(empty)
-    assert db.current(empty) == db.head() == "0003"
+    assert db.current(empty) == db.head() == "0004"
     assert db.is_at_head(empty)
     check(empty)  # raises on any difference between the migration and tables.metadata
     db.ensure_ready(empty)
@@ -81,7 +81,33 @@ def test_table_has_exactly_the_spec_columns(engine: sa.Engine) -> None:
         "ix_attempts_started_at": ["started_at"],
         "ix_attempts_outcome": ["outcome"],
         "ix_attempts_results": ["results"],
-    }
+        "ix_attempts_stats": ["job", "test_id", "started_at", "duration_ms", "outcome"],
+        "ix_attempts_unusual": [
+            "job", "test_id", "started_at", "outcome", "attempt", "status_code", "scheduled_for"
+        ],
+    }  # fmt: skip
+
+
+def test_0004_adds_only_the_stats_indexes_and_its_downgrade_removes_them(
+    engine: sa.Engine,
+) -> None:
+    def indexes() -> set[str]:
+        return {i["name"] for i in sa.inspect(engine).get_indexes("attempts")}
+
+    with_stats = indexes()
+    db.downgrade(engine, "0003")
+    assert with_stats - indexes() == {"ix_attempts_stats", "ix_attempts_unusual"}
+    assert indexes() <= with_stats
+    db.upgrade(engine)
+    assert indexes() == with_stats
+    with engine.connect() as conn:  # the partial index keeps its condition on SQLite
+        sql = conn.exec_driver_sql(
+            "SELECT sql FROM sqlite_master WHERE name = 'ix_attempts_unusual'"
+        ).scalar_one()
+    assert sql.endswith(
+        "WHERE outcome NOT IN ('success', 'pending') OR attempt > 1 OR status_code = 429"
+    )
+    check(engine)
 
 
 def test_downgrade_to_base_removes_the_table_and_upgrade_restores_it(engine: sa.Engine) -> None:
@@ -97,7 +123,7 @@ def test_downgrade_to_base_removes_the_table_and_upgrade_restores_it(engine: sa.
 def test_ensure_ready_on_an_empty_database_says_how_to_fix_it(empty: sa.Engine) -> None:
     with pytest.raises(
         DatabaseError,
-        match=r"not migrated \(at base, head is 0003\); run "
+        match=r"not migrated \(at base, head is 0004\); run "
         r"`te-scheduler db upgrade`",
     ):
         db.ensure_ready(empty)
@@ -255,4 +281,4 @@ def test_wheel_carries_the_migrations_and_can_upgrade(tmp_path: Path) -> None:
         env={**os.environ, "PYTHONPATH": str(site)},
     )
     assert ran.returncode == 0, ran.stderr
-    assert ran.stdout.split() == [str(site / "scheduler" / "migrations"), "0003"]
+    assert ran.stdout.split() == [str(site / "scheduler" / "migrations"), "0004"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import threading
 import time
@@ -22,6 +23,7 @@ from scheduler.store import db, history, recovery
 from scheduler.store.tables import attempts
 from tests.conftest import T0, key
 from tests.postgres import PASSWORD_ROLE, PostgresServer
+from tests.test_history import accepted_run_with_results, fill_random_history, reference_stats
 
 NEW_TABLES = {"instances", "rate_limits", "results", "followups"}
 
@@ -88,7 +90,7 @@ def test_upgrade_check_downgrade_round_trip_on_both_databases(empty: sa.Engine) 
     db.upgrade(empty, "0001")
     assert db.current(empty) == "0001" and tables(empty) == {"attempts"}
     db.upgrade(empty)
-    assert db.current(empty) == db.head() == "0003"
+    assert db.current(empty) == db.head() == "0004"
     assert tables(empty) == {"attempts"} | NEW_TABLES
     check(empty)  # no drift between the migrations and tables.metadata
     db.ensure_ready(empty)
@@ -208,7 +210,7 @@ def test_connection_problems_are_one_line_database_errors(
         postgres_server.url(database).replace(str(postgres_server.port), "1"): (
             "Connection refused"
         ),
-        postgres_url: "not migrated (at base, head is 0003); run `te-scheduler db upgrade`",
+        postgres_url: "not migrated (at base, head is 0004); run `te-scheduler db upgrade`",
     }
     for url, expected in cases.items():
         engine = db.make_engine(url)
@@ -377,3 +379,65 @@ def test_prune_skips_rows_another_prune_holds_instead_of_waiting(pg: sa.Engine) 
     assert not blocked, "prune waited for rows another transaction had locked"
     assert done == [5]
     assert history.prune(pg, before=T0) == 3  # the held rows go on the next run
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_stats_on_postgres_agree_with_counting_firing_by_firing(pg: sa.Engine, seed: int) -> None:
+    rng = random.Random(seed)
+    fill_random_history(pg, rng)
+    rows = history.query(pg, limit=0)
+    since = rng.choice(rows)["started_at"]
+    for window in (None, since):
+        expected = reference_stats(history.query(pg, since=window, limit=0))
+        got = {(s.pop("job"), s.pop("test_id")): s for s in history.stats(pg, since=window)}
+        assert got == expected
+
+
+def test_stats_indexes_on_postgres_keep_their_condition(pg: sa.Engine) -> None:
+    with pg.connect() as conn:
+        definition = conn.scalar(
+            sa.text("SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_attempts_unusual'")
+        )
+    assert "WHERE" in definition and "429" in definition and "'pending'" in definition
+
+
+def test_stats_results_columns_on_postgres(pg: sa.Engine) -> None:
+    h = timedelta(hours=1)
+    accepted_run_with_results(pg, "old", T0, [(True, 10.0)])
+    accepted_run_with_results(pg, "b", T0 + h, [(True, 30.0), (False, None), (True, 50.0)])
+    accepted_run_with_results(pg, "c", T0 + 2 * h, [(True, 40.0), (False, 90.0)])
+    [row] = history.stats(pg, since=T0 + h)
+    assert (row["agents_ok_rate"], row["latency_p50_ms"], row["latency_p95_ms"]) == (0.6, 40, 90)
+
+
+def test_stats_percentiles_on_postgres_whatever_order_it_groups_in(
+    pg: sa.Engine, postgres_url: str
+) -> None:
+    durations = random.Random(7).sample(range(1, 2000), 300)
+    with pg.begin() as conn:  # one statement: 300 rows of one test, durations shuffled
+        conn.execute(
+            sa.insert(attempts),
+            [
+                {
+                    "run_id": f"r{n}",
+                    "job": "dns",
+                    "test_id": "105",
+                    "trigger": "schedule",
+                    "scheduled_for": T0 + timedelta(minutes=n),
+                    "attempt": 1,
+                    "started_at": T0 + timedelta(minutes=n),
+                    "outcome": "success",
+                    "duration_ms": ms,
+                    "instance": "host-a:100",
+                }
+                for n, ms in enumerate(durations)
+            ],
+        )
+    # Sorting off: the planner groups by hashing, in no order, unless the query asks for one.
+    hashing = db.make_engine(postgres_url + "?options=-c%20enable_sort%3Doff")
+    try:
+        [row] = history.stats(hashing)
+    finally:
+        hashing.dispose()
+    ordered = sorted(durations)
+    assert (row["p50_ms"], row["p95_ms"]) == (ordered[149], ordered[284])

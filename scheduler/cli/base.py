@@ -62,6 +62,9 @@ STATS_COLUMNS = (  # every format shows these, in this order (and any the store 
     "p95_ms",
     "rate_limited",
     "retries",
+    "agents_ok_rate",
+    "latency_p50_ms",
+    "latency_p95_ms",
     "last_error",
 )
 

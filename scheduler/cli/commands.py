@@ -305,7 +305,8 @@ def history_cmd(
 )
 @pass_state
 def stats(state: State, since: str, fmt: str) -> None:
-    """Per job and test: firings, success rate, last success and failure, p50/p95 duration."""
+    """Per job and test: firings, success rate, last success and failure, p50/p95 duration,
+    and of the runs' results the agents ok and their latency p50/p95."""
     from scheduler.store import history
 
     since_at = time_option(since, clock.now(), "--since")

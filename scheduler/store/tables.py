@@ -13,6 +13,12 @@ import sqlalchemy as sa
 # What identifies one attempt of one firing: claiming a firing is inserting its first row.
 FIRING_KEY = ("job", "test_id", "scheduled_for", "attempt")
 
+# The rows `stats` must look at one by one (history.stats): not a first-attempt success.
+# Pending rows are left out: each attempt would enter and leave the index (`stats` counts
+# the few pending rows by ix_attempts_outcome). SQL text, so a query repeating it word for
+# word may use the partial index built on it.
+UNUSUAL = "outcome NOT IN ('success', 'pending') OR attempt > 1 OR status_code = 429"
+
 
 class UTCDateTime(sa.TypeDecorator[datetime]):
     """Aware UTC datetimes in and out: naive UTC text on SQLite, ``timestamptz`` elsewhere."""
@@ -65,6 +71,20 @@ attempts = sa.Table(
     sa.Index("ix_attempts_test_id_started_at", "test_id", "started_at"),
     sa.Index("ix_attempts_started_at", "started_at"),
     sa.Index("ix_attempts_outcome", "outcome"),
+    # `stats` (migration 0004): every row of a test's window, index only; the unusual few.
+    sa.Index("ix_attempts_stats", "job", "test_id", "started_at", "duration_ms", "outcome"),
+    sa.Index(
+        "ix_attempts_unusual",
+        "job",
+        "test_id",
+        "started_at",
+        "outcome",
+        "attempt",
+        "status_code",
+        "scheduled_for",
+        sqlite_where=sa.text(UNUSUAL),
+        postgresql_where=sa.text(UNUSUAL),
+    ),
     sqlite_autoincrement=True,
 )
 
