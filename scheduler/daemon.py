@@ -448,6 +448,7 @@ class Daemon:
         """
         log.warning("Clock: %s; next fire times recomputed from the new time", jump.describe())
         self.metrics.clock_jump(jump.seconds, jump.step)
+        self._quietly(instances.note_clock_jump, self.engine, self.instance, jump.describe())
         if not jump.step or jump.seconds > 0:
             # Forward: the slots passed are due now and _on_due says why they came late.
             self.scheduler.wakeup()

@@ -6,6 +6,7 @@ restore does to CLOCK_REALTIME); monotonic and boot time run on untouched, as th
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -16,7 +17,7 @@ import sqlalchemy as sa
 from scheduler import clock
 from scheduler.clock import WALL_OFFSET_FILE_ENV, Jump, JumpWatch
 from scheduler.store import db
-from tests.conftest import cli_env, wait_until, write_config
+from tests.conftest import cli_env, run_cli, wait_until, write_config
 from tests.test_operations import free_port, scrape, value
 
 JOBS = """\
@@ -76,6 +77,10 @@ def test_a_step_back_is_logged_counted_and_the_next_fires_come_from_the_new_time
     assert total == pytest.approx(600, abs=1)
     time.sleep(3)  # slots replayed by the step come due again: the firing key refuses them
     assert daemon.stop() == 0
+    status = run_cli("--db", db_url, "status", "--format", "json")
+    assert status.returncode == 0, status.stderr
+    [instance] = json.loads(status.stdout)
+    assert "the wall clock stepped back by 10m00s" in instance["last_clock_jump"]
     keys = [(r["job"], r["test_id"], r["scheduled_for"], r["attempt"]) for r in rows(db_url)]
     assert len(keys) == len(set(keys))
 

@@ -52,7 +52,7 @@ def test_upgrade_empty_database_to_head_without_drift(empty: sa.Engine) -> None:
     assert db.current(empty) is None
     assert not db.is_at_head(empty)
     db.upgrade(empty)
-    assert db.current(empty) == db.head() == "0004"
+    assert db.current(empty) == db.head() == "0005"
     assert db.is_at_head(empty)
     check(empty)  # raises on any difference between the migration and tables.metadata
     db.ensure_ready(empty)
@@ -123,7 +123,7 @@ def test_downgrade_to_base_removes_the_table_and_upgrade_restores_it(engine: sa.
 def test_ensure_ready_on_an_empty_database_says_how_to_fix_it(empty: sa.Engine) -> None:
     with pytest.raises(
         DatabaseError,
-        match=r"not migrated \(at base, head is 0004\); run "
+        match=r"not migrated \(at base, head is 0005\); run "
         r"`te-scheduler db upgrade`",
     ):
         db.ensure_ready(empty)
@@ -281,4 +281,4 @@ def test_wheel_carries_the_migrations_and_can_upgrade(tmp_path: Path) -> None:
         env={**os.environ, "PYTHONPATH": str(site)},
     )
     assert ran.returncode == 0, ran.stderr
-    assert ran.stdout.split() == [str(site / "scheduler" / "migrations"), "0004"]
+    assert ran.stdout.split() == [str(site / "scheduler" / "migrations"), "0005"]

@@ -90,7 +90,7 @@ def test_upgrade_check_downgrade_round_trip_on_both_databases(empty: sa.Engine) 
     db.upgrade(empty, "0001")
     assert db.current(empty) == "0001" and tables(empty) == {"attempts"}
     db.upgrade(empty)
-    assert db.current(empty) == db.head() == "0004"
+    assert db.current(empty) == db.head() == "0005"
     assert tables(empty) == {"attempts"} | NEW_TABLES
     check(empty)  # no drift between the migrations and tables.metadata
     db.ensure_ready(empty)
@@ -210,7 +210,7 @@ def test_connection_problems_are_one_line_database_errors(
         postgres_server.url(database).replace(str(postgres_server.port), "1"): (
             "Connection refused"
         ),
-        postgres_url: "not migrated (at base, head is 0004); run `te-scheduler db upgrade`",
+        postgres_url: "not migrated (at base, head is 0005); run `te-scheduler db upgrade`",
     }
     for url, expected in cases.items():
         engine = db.make_engine(url)

@@ -330,6 +330,7 @@ STATUS_COLUMNS = (
     "last_attempt_at",
     "attempts_last_hour",
     "pending",
+    "last_clock_jump",
 )
 
 

@@ -75,6 +75,7 @@ def register(engine: Engine, instance: str, version: str, now: datetime) -> None
         "started_at": now,
         "heartbeat_at": now,
         "stopped_at": None,
+        "last_clock_jump": None,
     }
     with translate_errors(engine, "registering the instance"), write_transaction(engine) as conn:
         # A restarted container keeps its hostname and pid 1, so the name may be taken.
@@ -90,6 +91,13 @@ def heartbeat(engine: Engine, instance: str, now: datetime) -> bool:
     )
     with translate_errors(engine, "sending a heartbeat"), write_transaction(engine) as conn:
         return bool(conn.execute(stmt).rowcount)
+
+
+def note_clock_jump(engine: Engine, instance: str, jump: str) -> None:
+    """Keep the latest wall-clock jump ``instance`` noticed, for ``te-scheduler status``."""
+    stmt = sa.update(instances).where(instances.c.instance == instance).values(last_clock_jump=jump)
+    with translate_errors(engine, "noting a clock jump"), write_transaction(engine) as conn:
+        conn.execute(stmt)
 
 
 def mark_stopped(engine: Engine, instance: str, now: datetime) -> None:

@@ -100,6 +100,8 @@ instances = sa.Table(
     sa.Column("started_at", UTCDateTime(), nullable=False),
     sa.Column("heartbeat_at", UTCDateTime(), nullable=False),
     sa.Column("stopped_at", UTCDateTime(), nullable=True),  # null while running
+    # The latest wall-clock jump it noticed, in words ("the wall clock stepped back by ...").
+    sa.Column("last_clock_jump", sa.Text, nullable=True),
 )
 
 # The server's rate-limit windows as last seen by any instance, per token and bucket.
