@@ -67,6 +67,7 @@ def test_register_heartbeat_stop_and_register_again(engine: sa.Engine) -> None:
         "started_at": T0,
         "heartbeat_at": T0,
         "stopped_at": None,
+        "last_clock_jump": None,
     }
     assert instances.heartbeat(engine, "web-1.example:4242", T0 + 10 * S)
     assert row(engine, "web-1.example:4242")["heartbeat_at"] == T0 + 10 * S  # type: ignore[index]
@@ -139,7 +140,7 @@ def test_status_lists_instances_live_first_with_their_activity(engine: sa.Engine
     assert [r["last_attempt_at"] for r in rows] == [now - 10 * S, now - 90 * 60 * S, None]
     assert set(rows[0]) == {
         "instance", "host", "pid", "version", "started_at", "heartbeat_at", "stopped_at",
-        "alive", "state", "last_attempt_at", "attempts_last_hour", "pending",
+        "last_clock_jump", "alive", "state", "last_attempt_at", "attempts_last_hour", "pending",
     }  # fmt: skip
     assert (rows[0]["host"], rows[0]["pid"], rows[0]["heartbeat_at"]) == ("b-host", 2, now - 5 * S)
     assert instances.status(engine, now, stale_after=2 * 60 * S)[1]["alive"]
