@@ -53,9 +53,10 @@ DRAIN_SECONDS = 30.0
 LOOP_SECONDS = 0.5
 # Threads that run firings. Each firing claims its row (QUEUED while it waits for the limiter
 # or a connection) as soon as it comes due, so a killed process leaves a trace of every
-# firing that had a thread; firings beyond this many wait in memory. Threads are reused and
-# a waiting one costs little; systemd's default TasksMax (4915) leaves room.
-FIRING_THREADS = 1024
+# firing that had a thread; firings beyond this many wait in memory (and a restart after a
+# kill catches them up test by test). More threads make a burst slower: they all contend
+# for one GIL and one SQLite writer.
+FIRING_THREADS = 256
 _NO_OFFSET = timedelta(0)
 LOG_EACH_JOB_UP_TO = 100  # start-up logs a line per job up to this many, then one summary
 

@@ -67,13 +67,8 @@ def start_attempt(
 
 def mark_sent(engine: Engine, attempt_id: int, started_at: datetime) -> None:
     """A queued row's call is leaving now: its ``started_at`` is now and it is no longer queued."""
-    stmt = (
-        sa.update(attempts)
-        .where(attempts.c.id == attempt_id, attempts.c.outcome == "pending")
-        .values(started_at=started_at, error=None)
-    )
-    with translate_errors(engine, "marking an attempt sent"), write_transaction(engine) as conn:
-        conn.execute(stmt)
+    with translate_errors(engine, "marking an attempt sent"):
+        _prepared(engine).sent(started_at, attempt_id)
 
 
 def finish_attempt(

@@ -1,7 +1,8 @@
-"""The two writes every attempt makes, as SQL prepared once per engine and run on the driver.
+"""The writes every attempt makes, as SQL prepared once per engine and run on the driver.
 
-Each attempt inserts its row as 'pending' and completes it after the answer; these are the
-only way those rows are written. Built through SQLAlchemy Core each time, the two statements
+Each attempt inserts its row as 'pending' and completes it after the answer (a call that had
+to queue also marks the moment it leaves); these are the only way those rows are written.
+Built through SQLAlchemy Core each time, the two statements
 cost 0.73 ms a pair on SQLite and 1.67 ms on PostgreSQL (statement construction, cache keys,
 execution contexts, BEGIN events, the savepoint): more than the HTTP call itself, and a daemon
 is one GIL. Here the SQL text and each column's bind conversion are worked out once, and every
@@ -83,6 +84,12 @@ class PreparedWrites:
             + ", ".join(f"{_quote(c)} = {mark(c)}" for c in _FINISH_COLUMNS)
             + f" WHERE {_quote('id')} = {mark('id')}"
         )
+        # A queued call leaving: its row no longer says QUEUED and started_at is now.
+        self._sent_sql = (
+            f"UPDATE {_quote(table.name)} SET {_quote('started_at')} = {mark('started_at')}, "
+            f"{_quote('error')} = NULL WHERE {_quote('id')} = {mark('id')} "
+            f"AND {_quote('outcome')} = 'pending'"
+        )
         self._convert: dict[str, Callable[[Any], Any] | None] = {
             c.name: c.type.dialect_impl(engine.dialect).bind_processor(engine.dialect)
             for c in table.columns
@@ -99,6 +106,13 @@ class PreparedWrites:
         params = self._params(self._finish_sql, {**values, "id": row_id}, (*_FINISH_COLUMNS, "id"))
         rowcount: int = self._run(self._finish_sql, params, returns_row=False)
         return rowcount
+
+    def sent(self, started_at: Any, row_id: int) -> None:
+        """Mark a pending row's call as leaving at ``started_at`` (see history.mark_sent)."""
+        params = self._params(
+            self._sent_sql, {"started_at": started_at, "id": row_id}, ("started_at", "id")
+        )
+        self._run(self._sent_sql, params, returns_row=False)
 
     def _params(self, sql: str, values: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
         params = {}
