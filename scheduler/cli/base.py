@@ -131,6 +131,18 @@ class State:
 
 pass_state = click.make_pass_decorator(State)
 
+# Options several listing commands share, spelled once.
+limit_option = click.option(
+    "--limit",
+    type=click.IntRange(0, 10**9),
+    default=100,
+    show_default=True,
+    help="At most N rows; 0 for all.",
+)
+format_option = click.option(
+    "--format", "fmt", type=click.Choice(render.FORMATS), default="table", show_default=True
+)
+
 
 @click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(

@@ -23,6 +23,8 @@ from scheduler.cli.base import (
     cli,
     duration_option,
     emit,
+    format_option,
+    limit_option,
     pass_state,
     require_job,
     short_list,
@@ -238,16 +240,8 @@ def trigger(state: State, job_name: str, test_id: str | None) -> None:
 @click.option("--since", metavar="T", help="Started at or after T.")
 @click.option("--until", metavar="T", help="Started before T.")
 @click.option("--outcome", type=click.Choice(OUTCOMES), help="Only this outcome.")
-@click.option(
-    "--limit",
-    type=click.IntRange(0, 10**9),
-    default=100,
-    show_default=True,
-    help="At most N rows; 0 for all.",
-)
-@click.option(
-    "--format", "fmt", type=click.Choice(render.FORMATS), default="table", show_default=True
-)
+@limit_option
+@format_option
 @pass_state
 def history_cmd(
     state: State,
@@ -300,9 +294,7 @@ def history_cmd(
     show_default=True,
     help="Only attempts started at or after T.",
 )
-@click.option(
-    "--format", "fmt", type=click.Choice(render.FORMATS), default="table", show_default=True
-)
+@format_option
 @pass_state
 def stats(state: State, since: str, fmt: str) -> None:
     """Per job and test: firings, success rate, last success and failure, p50/p95 duration,

@@ -10,8 +10,15 @@ import click
 from sqlalchemy import Engine
 
 from scheduler import clock
-from scheduler.cli import render
-from scheduler.cli.base import State, cli, emit, pass_state, time_option
+from scheduler.cli.base import (
+    State,
+    cli,
+    emit,
+    format_option,
+    limit_option,
+    pass_state,
+    time_option,
+)
 from scheduler.store import results as store
 from scheduler.timing.cron import format_duration
 
@@ -53,16 +60,8 @@ RESULTS_TABLE = (
 @click.option("--test", "test_id", metavar="ID", help="Only this test id.")
 @click.option("--since", metavar="T", help="Rounds that started at or after T.")
 @click.option("--until", metavar="T", help="Rounds that started before T.")
-@click.option(
-    "--limit",
-    type=click.IntRange(0, 10**9),
-    default=100,
-    show_default=True,
-    help="At most N rows; 0 for all.",
-)
-@click.option(
-    "--format", "fmt", type=click.Choice(render.FORMATS), default="table", show_default=True
-)
+@limit_option
+@format_option
 @pass_state
 def results_cmd(
     state: State,
