@@ -286,13 +286,16 @@ class Runner:
                 unsent = (
                     NEVER_SENT + "te-scheduler shut down while the call waited for a connection"
                 )
+        if unsent is None and waited_from is not None:
+            # Its row still says QUEUED: a call must not leave while the row says it never
+            # did, or a restart after a crash would send it again.
+            if self._write(history.mark_sent, self.engine, row_id, clock.now()) is _FAILED:
+                unsent = NEVER_SENT + "its history row could not be updated before the call"
         if unsent is not None:
             self._give_back(turn, None)
             self._finish(row_id, Outcome.MISSED, None, unsent)
             log.warning('Job "%s" test %s %s', firing.job.name, firing.test_id, unsent)
             return unsent
-        if waited_from is not None:
-            self._write(history.mark_sent, self.engine, row_id, clock.now())
         lag = clock.epoch() - (firing.scheduled_for + firing.offset).timestamp()
         result = None
         try:
