@@ -53,7 +53,7 @@ def describe_url(url: str | URL) -> str:
         return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
-def _one_line(exc: BaseException, url: URL | None = None) -> str:
+def one_line(exc: BaseException, url: URL | None = None) -> str:
     """The driver's message on one line (psycopg messages span several), password hidden."""
     text = str(getattr(exc, "orig", None) or exc)
     text = re.sub(r"^connection failed: |FATAL:\s+", "", text)
@@ -82,16 +82,16 @@ def translate_errors(engine: Engine, action: str) -> Iterator[None]:
     except sa_exc.DBAPIError as exc:
         if _is_missing_table(exc):
             raise DatabaseError(
-                f"database {where} is not migrated ({_one_line(exc, engine.url)}); "
+                f"database {where} is not migrated ({one_line(exc, engine.url)}); "
                 "run `te-scheduler db upgrade`"
             ) from exc
         raise DatabaseError(
-            f"database error while {action} ({where}): {_one_line(exc, engine.url)}"
+            f"database error while {action} ({where}): {one_line(exc, engine.url)}"
         ) from exc
     except sa_exc.TimeoutError as exc:  # every pooled connection stayed busy for pool_timeout
         raise DatabaseError(f"database busy while {action} ({where}): {exc}") from exc
     except CommandError as exc:
-        raise DatabaseError(f"migration failed ({where}): {_one_line(exc, engine.url)}") from exc
+        raise DatabaseError(f"migration failed ({where}): {one_line(exc, engine.url)}") from exc
 
 
 def make_engine(url: str) -> Engine:
@@ -326,7 +326,7 @@ def _reaching(engine: Engine) -> Iterator[None]:
     try:
         yield
     except sa_exc.DBAPIError as exc:
-        message = _one_line(exc, engine.url)
+        message = one_line(exc, engine.url)
         raise DatabaseError(
             f"cannot reach database {describe_url(engine.url)}: {message}{_hint(message)}"
         ) from exc

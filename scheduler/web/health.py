@@ -12,6 +12,8 @@ from urllib.parse import quote
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
+from scheduler.store.db import one_line
+
 log = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT = 5.0  # seconds a /healthz request waits for the health callable
@@ -33,7 +35,7 @@ def database_health(engine: Engine) -> tuple[bool, str]:
         if path and path != ":memory:" and not engine.url.query.get("uri"):
             _check_sqlite_file(path)
     except Exception as exc:  # a health check reports every failure, it never raises
-        return False, _one_line(exc)
+        return False, one_line(exc, engine.url)[:200]
     return True, "ok"
 
 
@@ -44,11 +46,6 @@ def _check_sqlite_file(path: str) -> None:
         connection.execute("SELECT 1 FROM attempts LIMIT 1").fetchall()
     finally:
         connection.close()
-
-
-def _one_line(exc: BaseException) -> str:
-    message = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    return (message[0] if message else type(exc).__name__)[:200]
 
 
 def build_health(
