@@ -159,8 +159,9 @@ class Jump:
 class JumpWatch:
     """Notices the wall clock jumping: its distance to monotonic and boot time changes.
 
-    ``check()`` is cheap and thread-safe; each jump is reported once, to whoever checks first,
-    and kept in ``recent`` for explaining late firings afterwards.
+    Thread-safe and cheap. ``check()`` (the daemon's main loop) hands out each jump once,
+    however it was noticed; ``explain()`` (a firing that came late) may notice one first,
+    and the jump still reaches ``check()``. The last ten stay in ``recent``.
     """
 
     THRESHOLD = 2.0  # seconds; smaller moves are NTP slewing, scheduling noise or rounding
@@ -169,6 +170,7 @@ class JumpWatch:
         self._lock = threading.Lock()
         self._base = self._read()
         self.recent: list[Jump] = []
+        self._unreported: list[Jump] = []
 
     @staticmethod
     def _read() -> tuple[float, float]:
@@ -176,24 +178,28 @@ class JumpWatch:
         return wall - time.monotonic(), wall - boottime()
 
     def check(self) -> Jump | None:
-        """The jump since the last check, if the wall clock moved by THRESHOLD or more."""
+        """The oldest jump not handed out yet (moves of THRESHOLD or more), or None."""
         with self._lock:
-            mono, boot = self._read()
-            moved = mono - self._base[0]
-            stepped = abs(boot - self._base[1]) >= self.THRESHOLD
-            # Re-based on every check, so NTP's slow slewing never adds up to a "jump".
-            self._base = (mono, boot)
-            if abs(moved) < self.THRESHOLD:
-                return None
-            jump = Jump(round(moved, 3), stepped, now())
-            self.recent = [*self.recent[-9:], jump]
-            return jump
+            self._detect()
+            return self._unreported.pop(0) if self._unreported else None
 
     def explain(self, since: datetime) -> Jump | None:
         """The latest forward jump after ``since``, to say why a slot came late."""
-        self.check()
         with self._lock:
+            self._detect()
             return next((j for j in reversed(self.recent) if j.at > since and j.seconds > 0), None)
+
+    def _detect(self) -> None:
+        """Compare with the last reading (the caller holds the lock)."""
+        mono, boot = self._read()
+        moved = mono - self._base[0]
+        stepped = abs(boot - self._base[1]) >= self.THRESHOLD
+        # Re-based on every reading, so NTP's slow slewing never adds up to a "jump".
+        self._base = (mono, boot)
+        if abs(moved) >= self.THRESHOLD:
+            jump = Jump(round(moved, 3), stepped, now())
+            self.recent = [*self.recent[-9:], jump]
+            self._unreported.append(jump)
 
 
 def _span(seconds: float) -> str:

@@ -131,3 +131,19 @@ def test_the_watch_tells_a_step_and_ignores_small_moves() -> None:
         assert forward is not None and forward.seconds == pytest.approx(3600, abs=0.1)
     finally:
         clock.set_clock(previous)
+
+
+def test_a_jump_a_late_firing_noticed_first_still_reaches_the_main_loop() -> None:
+    # explain() runs on a firing's thread and may see the jump before the main loop's
+    # check(); the loop must still get it, or it would neither log, count nor re-time.
+    stepped = _Stepped()
+    previous = clock.set_clock(stepped)
+    try:
+        watch = JumpWatch()
+        stepped.offset = 600.0
+        assert watch.explain(since=datetime.now(timezone.utc) - timedelta(minutes=1))
+        jump = watch.check()
+        assert jump is not None and jump.seconds == pytest.approx(600, abs=0.1)
+        assert watch.check() is None
+    finally:
+        clock.set_clock(previous)
