@@ -125,6 +125,8 @@ def test_plan_table_shows_the_peak_against_the_budget(config: Path):
     assert result.returncode == 0, result.stderr
     assert "peak: 2 call(s) in one min window" in result.stderr  # a note: not in the table
     assert "budget 24/min" in result.stderr
+    assert "peak:" not in result.stdout
+    assert all(line.split()[0] in ("job", "dns") for line in result.stdout.splitlines())
 
 
 @pytest.mark.parametrize(

@@ -110,22 +110,6 @@ def test_validate_online_when_the_api_is_unreachable_is_exit_1(tmp_path: Path, d
 # -- 3. plan: notes on stderr, --until as a duration ahead ------------------------------------
 
 
-def test_plan_prints_its_peak_on_stderr_not_inside_the_table(config: Path):
-    result = run_cli(
-        "-c",
-        str(config),
-        "plan",
-        "--from",
-        "2026-11-30T07:00:00Z",
-        "--until",
-        "2026-11-30T08:00:00Z",
-    )
-    assert result.returncode == 0, result.stderr
-    assert "peak:" not in result.stdout
-    assert all(line.split()[0] in ("job", "dns") for line in result.stdout.splitlines())
-    assert "peak: 2 call(s) in one min window" in result.stderr
-
-
 def test_plan_until_a_duration_counts_forward(config: Path):
     result = run_cli("-c", str(config), "plan", "--until", "6h", "--format", "json")
     assert result.returncode == 0, result.stderr
