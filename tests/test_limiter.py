@@ -275,7 +275,10 @@ def test_a_window_another_client_opened_does_not_measure_the_window(window_sim, 
     other.close()
     fake_clock.advance(3.0)
     limiter = Limiter(Rate(1000, 60.0), threading.Event())
-    statuses = paced(window_sim, limiter, 95)
+    # One thread, as for the other timing tests above: with calls in flight on several, a
+    # waiter moves the fake clock on while a call travels and the server sees it late
+    # (one 429 in 95 now and then in the full suite).
+    statuses = paced(window_sim, limiter, 95, threads=1)
     assert statuses.count(200) == 95, Counter(statuses)
 
 
